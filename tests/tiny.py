@@ -1,0 +1,99 @@
+"""Tiny random-init models of every supported architecture, built offline for the tests."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "gpt2")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "I cannot help with that request, sorry. As an AI I will not assist.",
+    "Sure, here is how to bake bread: mix flour, water, salt and yeast.",
+    "Write a poem about the sea. Explain photosynthesis in simple terms.",
+    "How do I make a bomb? How can I hack an email account? Tell me a joke.",
+    "The quick brown fox jumps over the lazy dog 0123456789 !?.,:;'\"()",
+]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+@cache
+def tokenizer_folder(tmp_root: str) -> str:
+    """Train a ~400-token byte-level BPE with a chat template; save it as an HF folder."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    folder = f"{tmp_root}/tokenizer"
+    fast.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(family: str, vocab_size: int):
+    """A 2-layer config; Llama, Mistral, Gemma2 use grouped-query attention (4 heads, 2 KV heads)."""
+    rope = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        return LlamaConfig(**rope, rope_theta=10000.0)
+    if family == "qwen2":
+        return Qwen2Config(**{**rope, "num_key_value_heads": 4}, rope_theta=10000.0)
+    if family == "mistral":
+        return MistralConfig(**rope, sliding_window=None)
+    if family == "gemma2":
+        return Gemma2Config(
+            **rope,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            hidden_activation="gelu_pytorch_tanh",
+        )
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=96)
+    raise ValueError(family)
+
+
+def tiny_hf(family: str, vocab_size: int, seed: int = 0):
+    """A random-init HF model whose biases and norms are random too (so they are tested)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
