@@ -6,31 +6,14 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from safety_circuits import data
+from safety_circuits._io import atomic_folder
 from safety_circuits.evaluate import attack_success_rate, over_refusal_rate
 from safety_circuits.loading import SMOLLM2, load_model
-
-
-def _write_run(out: Path, files: dict[str, str]) -> None:
-    """Write a run folder atomically: a temp folder beside it, then a rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -56,7 +39,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }
     frames = {"harmbench_test.csv": asr.to_frame(), "harmless_eval.csv": over.to_frame()}
     files = {name: frame.to_csv(index=False) for name, frame in frames.items()}
-    _write_run(Path(args.out), {"summary.json": json.dumps(summary, indent=2), **files})
+    with atomic_folder(args.out, overwrite=True) as tmp:
+        for name, text in {"summary.json": json.dumps(summary, indent=2), **files}.items():
+            (tmp / name).write_text(text)
     print(f"model {args.model} ({args.backend} backend), greedy, {args.max_new_tokens} new tokens")
     print(f"ASR on {len(harmful)} HarmBench test behaviours:   {asr.rate:.2f}")
     print(f"over-refusal on {len(harmless)} harmless prompts: {over.rate:.2f}")

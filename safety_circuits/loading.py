@@ -17,8 +17,6 @@ import copy
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +29,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from safety_circuits._io import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -372,16 +372,12 @@ def smollm2_folder() -> Path:
     del config.quantization_config  # the weights are dequantised to float32 on load
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     hf.load_state_dict(gguf.state_dict())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=folder.parent))
     try:
-        hf.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "config.json").exists():
-            raise
+        with atomic_folder(folder) as tmp:
+            hf.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except FileExistsError:  # another process converted it meanwhile
+        pass
     return folder
 
 

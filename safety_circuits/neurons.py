@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from safety_circuits._io import atomic_file
 from safety_circuits.loading import Architecture
 
 if TYPE_CHECKING:
@@ -100,11 +101,15 @@ class NeuronSet:
 
     Example:
         >>> from safety_circuits.loading import Architecture
-        >>> arch = Architecture("llama", 2, 4, 2, 8, 32, 48, 100, True, False, False, False)
+        >>> arch = Architecture(
+        ...     family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_head=8, d_model=32, d_mlp=48,
+        ...     d_vocab=100, gated_mlp=True, attn_bias=False, mlp_bias=False, tied_embeddings=False)
         >>> a = NeuronSet(arch, {(0, "ffn"): [1, 2, 3], (1, "k"): [0]})
         >>> b = NeuronSet(arch, {(0, "ffn"): [3, 4]})
         >>> len(a | b), len(a & b), len(a - b), a.overlap(b)
-        (6, 1, 3, 0.5)
+        (5, 1, 3, 0.5)
+        >>> int(a.counts().loc[0, "ffn"]), a.fraction_of(kinds=["ffn"])
+        (3, 0.03125)
     """
 
     arch: Architecture
@@ -117,17 +122,22 @@ class NeuronSet:
         for (layer, kind), idx in self.indices.items():
             if kind not in KINDS:
                 raise ValueError(f"unknown neuron kind {kind!r}; kinds are {KINDS}")
-            if not 0 <= int(layer) < self.arch.n_layers:
+            if not _is_int(layer):
+                raise ValueError(f"layer {layer!r} is not an integer")
+            if not 0 <= layer < self.arch.n_layers:
                 raise ValueError(f"layer {layer} out of range for {self.arch.n_layers} layers")
-            arr = np.unique(np.asarray(torch.as_tensor(idx).cpu(), dtype=np.int64).ravel())
+            arr = np.asarray(idx.cpu().numpy() if isinstance(idx, Tensor) else idx)
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"{kind} indices at layer {layer} must be integers, got dtype {arr.dtype}")
+            arr = np.unique(arr.astype(np.int64).ravel())
             size = kind_size(self.arch, kind)
             if arr.size and (arr[0] < 0 or arr[-1] >= size):
                 raise ValueError(f"{kind} index out of range [0, {size}) at layer {layer}")
             if arr.size:
                 arr.setflags(write=False)
                 clean[(int(layer), kind)] = arr
-        object.__setattr__(self, "indices", dict(sorted(clean.items(), key=_site_order)))
-        object.__setattr__(self, "metadata", dict(self.metadata))
+        object.__setattr__(self, "indices", MappingProxyType(dict(sorted(clean.items(), key=_site_order))))
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -198,7 +208,9 @@ class NeuronSet:
             for i in idx:
                 yield layer, kind, int(i)
 
-    def __contains__(self, neuron: tuple[int, Kind, int]) -> bool:
+    def __contains__(self, neuron: object) -> bool:
+        if not (isinstance(neuron, tuple) and len(neuron) == 3):
+            return False
         layer, kind, i = neuron
         idx = self.indices.get((layer, kind))
         return idx is not None and bool(np.isin(i, idx))
@@ -232,6 +244,8 @@ class NeuronSet:
         arch = arch or self.arch
         check_arch(self.arch, arch)
         kinds = tuple(kinds)
+        if not kinds:
+            raise ValueError("fraction_of needs at least one kind")
         inside = sum(v.size for (_, k), v in self.indices.items() if k in kinds)
         return inside / total_neurons(arch, kinds)
 
@@ -240,7 +254,7 @@ class NeuronSet:
         out = {k: torch.zeros(self.arch.n_layers, kind_size(self.arch, k), dtype=torch.bool) for k in kinds}
         for (layer, kind), idx in self.indices.items():
             if kind in out:
-                out[kind][layer, torch.from_numpy(idx)] = True
+                out[kind][layer, torch.tensor(idx)] = True
         return out
 
     def to_frame(self) -> pd.DataFrame:
@@ -264,6 +278,8 @@ class NeuronSet:
 
     def random_like(self, arch: Architecture | None = None, seed: int = 0) -> NeuronSet:
         """Random neurons with the same count per layer and kind (the Deact-R control)."""
+        if arch is not None and not isinstance(arch, Architecture):
+            raise TypeError(f"arch must be an Architecture (pass the seed as seed=...), got {arch!r}")
         arch = arch or self.arch
         check_arch(self.arch, arch)
         rng = np.random.default_rng(seed)
@@ -292,18 +308,11 @@ class NeuronSet:
             "version": FORMAT_VERSION,
             "name": self.name,
             "arch": self.arch.fingerprint(),
-            "metadata": self.metadata,
+            "metadata": dict(self.metadata),
         }
         tensors = {f"mask.{k}": m.to(torch.uint8) for k, m in self.masks().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata={"safety_circuits": json.dumps(header)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod
@@ -317,6 +326,7 @@ class NeuronSet:
                 raw = json.loads(f.read(header_len))
             header = json.loads(raw["__metadata__"]["safety_circuits"])
             arch = Architecture.from_dict(header["arch"])
+            name, metadata = str(header["name"]), dict(header["metadata"])
         except FileNotFoundError:
             raise
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
@@ -330,12 +340,16 @@ class NeuronSet:
                 raise ValueError(f"{path} holds an unknown tensor {key!r}")
             masks[kind] = tensor.bool()
         try:
-            neurons = cls.from_masks(arch, masks, name=header["name"], metadata=header["metadata"])
+            neurons = cls.from_masks(arch, masks, name=name, metadata=metadata)
         except ArchitectureMismatchError as e:
             raise ValueError(f"{path} is corrupted: {e}") from e
         if expect is not None:
-            check_arch(getattr(expect, "arch", expect), arch, f"NeuronSet file {path.name}")
+            check_arch(arch, getattr(expect, "arch", expect), f"NeuronSet file {path.name}")
         return neurons
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _site_order(item: tuple[tuple[int, Kind], Any]) -> tuple[int, int]:
@@ -393,7 +407,7 @@ def hf_slices(neurons: NeuronSet, subject: Subject | None = None) -> list[ParamS
     return [
         s
         for (layer, kind), idx in neurons.indices.items()
-        for s in _owned(neurons.arch, layer, kind, torch.from_numpy(idx))
+        for s in _owned(neurons.arch, layer, kind, torch.tensor(idx))
     ]
 
 
@@ -442,7 +456,7 @@ def ablation_hooks(
         if mode == "mean" and name not in means:  # type: ignore[operator]
             raise KeyError(f"means has no entry for {name}")
         value: Tensor | float = 0.0 if mode == "zero" else means[name]  # type: ignore[index]
-        index = torch.from_numpy(idx)
+        index = torch.tensor(idx)
 
         def hook(
             act: Tensor, *, hook: HookPoint, kind: Kind = kind, index: Tensor = index, value=value

