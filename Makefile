@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --nbmake tests safety_circuits notebooks
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,6 @@
 """safety_circuits: find, test and tune the safety neurons and refusal circuits of LLMs."""
 
+from safety_circuits import data
 from safety_circuits.data import advbench, harmbench, harmless
 from safety_circuits.evaluate import attack_success_rate, generate, is_refusal, over_refusal_rate
 from safety_circuits.loading import Architecture, Subject, UnsupportedArchitectureError, load_model
@@ -27,6 +28,7 @@ __all__ = [
     "ablate_hf",
     "advbench",
     "attack_success_rate",
+    "data",
     "generate",
     "harmbench",
     "harmless",

@@ -9,17 +9,16 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-from tiny import FAMILIES, tiny_hf, tokenizer_folder
-from transformers import AutoTokenizer
 
 from safety_circuits import load_model
+from safety_circuits.testing import FAMILIES, tiny_hf, tiny_tokenizer
 
 BACKENDS = ("hooked", "bridge")
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    return AutoTokenizer.from_pretrained(tokenizer_folder(str(tmp_path_factory.mktemp("tok"))))
+def tokenizer():
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

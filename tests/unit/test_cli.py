@@ -1,8 +1,7 @@
 import json
 
-from tiny import tiny_hf
-
 from safety_circuits.cli import main
+from safety_circuits.testing import tiny_hf
 
 
 def test_evaluate_writes_a_run_folder(tmp_path, tokenizer, capsys):

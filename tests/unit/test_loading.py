@@ -1,10 +1,10 @@
 import pytest
 import torch
-from tiny import tiny_config, tiny_hf
 from transformers import AutoModelForCausalLM, BertConfig
 
 from safety_circuits import UnsupportedArchitectureError, load_model
 from safety_circuits.loading import SMOLLM2_PIP, Architecture, smollm2_folder
+from safety_circuits.testing import tiny_config, tiny_hf
 
 
 def test_logits_equal_hf(subject, tokenizer):

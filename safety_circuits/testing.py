@@ -1,13 +1,22 @@
-"""Tiny random-init models of every supported architecture, built offline for the tests."""
+"""Tiny random-init models of every supported architecture, built offline.
+
+For tests, notebooks run in CI, and users checking their own code without a real model:
+
+>>> subject = tiny_subject("llama")          # 2 layers, 4 query heads sharing 2 KV heads
+>>> subject.arch.n_kv_heads, subject.arch.d_mlp
+(2, 96)
+"""
 
 from __future__ import annotations
 
+import tempfile
 from functools import cache
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     Gemma2Config,
     GPT2Config,
     LlamaConfig,
@@ -33,8 +42,8 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
 @cache
-def tokenizer_folder(tmp_root: str) -> str:
-    """Train a ~400-token byte-level BPE with a chat template; save it as an HF folder."""
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A ~400-token byte-level BPE with a chat template, trained here in a few milliseconds."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -51,12 +60,13 @@ def tokenizer_folder(tmp_root: str) -> str:
         pad_token="<pad>",
         chat_template=CHAT_TEMPLATE,
     )
-    folder = f"{tmp_root}/tokenizer"
+    # TransformerLens needs a tokenizer it can re-load by name: give it a folder of its own.
+    folder = tempfile.mkdtemp(prefix="safety_circuits_tiny_tokenizer_")
     fast.save_pretrained(folder)
-    return folder
+    return AutoTokenizer.from_pretrained(folder)
 
 
-def tiny_config(family: str, vocab_size: int):
+def tiny_config(family: str, vocab_size: int = 400):
     """A 2-layer config; Llama, Mistral, Gemma2 use grouped-query attention (4 heads, 2 KV heads)."""
     rope = dict(
         vocab_size=vocab_size,
@@ -88,7 +98,7 @@ def tiny_config(family: str, vocab_size: int):
     raise ValueError(family)
 
 
-def tiny_hf(family: str, vocab_size: int, seed: int = 0):
+def tiny_hf(family: str, vocab_size: int = 400, seed: int = 0):
     """A random-init HF model whose biases and norms are random too (so they are tested)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size), dtype=torch.float32)
@@ -97,3 +107,11 @@ def tiny_hf(family: str, vocab_size: int, seed: int = 0):
             if name.endswith("bias") or "norm" in name or ".ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+def tiny_subject(family: str = "llama", backend: str = "hooked", seed: int = 0):
+    """A :class:`~safety_circuits.loading.Subject` of a tiny random model of ``family``."""
+    from safety_circuits.loading import load_model
+
+    tokenizer = tiny_tokenizer()
+    return load_model(tiny_hf(family, len(tokenizer), seed), backend=backend, tokenizer=tokenizer)
