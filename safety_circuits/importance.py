@@ -1,0 +1,377 @@
+"""Accelerated neuron importance (SN-Tune, Zhao et al., Sec. 2.1 and App. A.1).
+
+The importance of a neuron for one prompt is the change of the output of the sub-layer that owns
+it when the neuron is deactivated (Eq. 1): ``||h_without_neuron - h||_2`` over positions x d_model.
+Here it is computed for all neurons at once, from one forward pass per batch:
+
+- ``ffn`` (Eq. 4/9): deactivating neuron ``n`` removes ``h_post[:, n] ⊗ W_out[n]`` from the MLP
+  output, so the importance is ``||h_post[:, n]||_2 · ||W_out[n]||_2`` — exact.
+- ``o``: the same identity through ``W_O``: ``||z[:, h, d]||_2 · ||W_O[h, d]||_2`` — exact.
+- ``v``: zeroing ``v[:, g, d]`` zeroes ``z[:, h, d]`` for every query head ``h`` sharing KV head
+  ``g``, so the change is ``Σ_h z[:, h, d] ⊗ W_O[h, d]``; its norm comes from the Gram matrix of
+  those ``W_O`` rows — exact.
+- ``q`` / ``k`` (Eq. 5, 11-14): the change of the attention pattern when dimension ``d``'s
+  contribution ``q[:, d]·k[:, d]`` (rotary applied as in the model, scaled like the scores, masked
+  causally and by any sliding window, soft-capped where the model does) is removed from the
+  scores; for ``k``, over all query heads sharing the KV head. This equals the brute-force pattern
+  change and approximates the output change (the paper's approximation).
+
+The ``l x l x d_head`` work of ``q``/``k`` is chunked over query rows and dimensions so that its
+extra memory stays under ``chunk_bytes`` whatever the prompt length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from safety_circuits.activations import batches, check_prompts
+from safety_circuits.loading import Architecture
+from safety_circuits.neurons import KINDS, Kind, NeuronSet, ablation_hooks, hook_name, kind_size
+
+if TYPE_CHECKING:
+    from safety_circuits.loading import Subject
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+_TEMPORARIES = 6  # float32 tensors of the chunk's size alive at once in _pattern_change_sq
+
+
+# -- attention geometry read from the model --------------------------------------------------
+@dataclass(frozen=True)
+class _AttnGeometry:
+    """How one layer turns q·k into a pattern: scale, soft cap, window, rotary."""
+
+    scale: float
+    softcap: float | None
+    window: int | None
+    rotary: bool
+
+
+def _geometry(subject: Subject, layer: int) -> _AttnGeometry:
+    cfg = subject.hf.config
+    arch = subject.arch
+    if arch.family == "gpt2":
+        scale = arch.d_head**-0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+            scale /= layer + 1
+        return _AttnGeometry(scale, None, None, rotary=False)
+    scale = (cfg.query_pre_attn_scalar if arch.family == "gemma2" else arch.d_head) ** -0.5
+    softcap = getattr(cfg, "attn_logit_softcapping", None) if arch.family == "gemma2" else None
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if window and layer_types is not None and layer_types[layer] != "sliding_attention":
+        window = None
+    return _AttnGeometry(scale, softcap, window, rotary=True)
+
+
+def _rotary(subject: Subject, length: int) -> tuple[Tensor, Tensor]:
+    """The model's own rotary ``cos, sin`` for positions ``0..length-1`` ([length, d_head])."""
+    positions = torch.arange(length, device=subject.device)[None]
+    dummy = torch.zeros(1, length, subject.arch.d_head, device=subject.device)
+    cos, sin = subject.hf.model.rotary_emb(dummy, positions)
+    return cos[0].float(), sin[0].float()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` on the last axis (positions on axis 0)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+    return x * cos.view(shape) + rotated * sin.view(shape)
+
+
+def _causal_mask(length: int, window: int | None, device) -> Bool[Tensor, "q k"]:
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None]
+    allowed = k <= q
+    if window is not None:
+        allowed &= q - k < window
+    return allowed
+
+
+def _scores_to_pattern(raw: Tensor, geo: _AttnGeometry, allowed: Tensor) -> Tensor:
+    """Scale, soft-cap, mask and softmax raw ``q·k`` scores (keys on dim 1)."""
+    s = raw * geo.scale
+    if geo.softcap:
+        s = geo.softcap * torch.tanh(s / geo.softcap)
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=1)
+
+
+# -- the accelerated identities --------------------------------------------------------------
+def _pattern_change_sq(
+    base_raw: Float[Tensor, "r k"],
+    base_pattern: Float[Tensor, "r k"],
+    deltas: Float[Tensor, "r k c"],
+    geo: _AttnGeometry,
+    allowed: Bool[Tensor, "r k"],
+) -> Float[Tensor, " c"]:
+    """Σ over rows and keys of (pattern(raw − Δ_c) − pattern(raw))², one value per dimension c."""
+    perturbed = _scores_to_pattern(base_raw[:, :, None] - deltas, geo, allowed[:, :, None])
+    return (perturbed - base_pattern[:, :, None]).square().sum(dim=(0, 1))
+
+
+def _dim_chunks(length: int, d_head: int, chunk_bytes: int) -> tuple[int, int]:
+    """Query rows and dimensions per chunk so that r·l·c float32 temporaries fit ``chunk_bytes``."""
+    per_cell = 4 * _TEMPORARIES
+    dims = max(1, min(d_head, chunk_bytes // (per_cell * length * length)))
+    rows = max(1, min(length, chunk_bytes // (per_cell * length * dims)))
+    return rows, dims
+
+
+def qk_importance(
+    q: Float[Tensor, "pos n_heads d_head"],
+    k: Float[Tensor, "pos n_kv d_head"],
+    geo: _AttnGeometry,
+    rotary: tuple[Tensor, Tensor] | None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[Float[Tensor, "n_heads d_head"], Float[Tensor, "n_kv d_head"]]:
+    """Pattern-change importance of every q and k dimension of one layer for one prompt (Eq. 14).
+
+    ``q`` and ``k`` are taken *before* rotary (the ``hook_q``/``hook_k`` activations, whose
+    entries are the neurons). Removing dimension ``d`` of ``q`` changes the raw score by
+    ``Δ[i, j, d] = q[i, d] · (cos[i, d] k_rot[j, d] + s_d sin[i, d'] k_rot[j, d'])`` (``d'`` the
+    rotary partner of ``d``, ``s_d = ±1``): its share of ``q_rot[i]·k_rot[j]``; ``k`` symmetrically.
+    """
+    length, n_heads, d_head = q.shape
+    n_rep = n_heads // k.shape[1]
+    q, k = q.float(), k.float()
+    arange = torch.arange(d_head, device=q.device)
+    if rotary is None:  # no rotation: cos = 1, sin = 0
+        cos, sin = q.new_ones(length, d_head), q.new_zeros(length, d_head)
+        partner, sign = arange, q.new_ones(d_head)
+    else:
+        cos, sin = rotary
+        partner = (arange + d_head // 2) % d_head
+        sign = torch.where(arange < d_head // 2, 1.0, -1.0).to(q)
+    q_rot, k_rot = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    sin_p = sin[:, partner] * sign  # [pos, d_head]: the signed partner sine
+    allowed = _causal_mask(length, geo.window, q.device)
+    rows, dims = _dim_chunks(length, d_head, chunk_bytes)
+    q_sq = q.new_zeros(n_heads, d_head)
+    k_sq = q.new_zeros(k.shape[1], d_head)
+    for h in range(n_heads):
+        g = h // n_rep
+        raw = q_rot[:, h] @ k_rot[:, g].T  # [query i, key j]
+        pattern = _scores_to_pattern(raw, geo, allowed)
+        for r0 in range(0, length, rows):
+            r = slice(r0, min(r0 + rows, length))
+            for c0 in range(0, d_head, dims):
+                c = slice(c0, min(c0 + dims, d_head))
+                pc = partner[c]
+                dq = q[r, h, c][:, None] * (
+                    cos[r, None, c] * k_rot[None, :, g, c] + sin_p[r, None, c] * k_rot[None, :, g, pc]
+                )
+                q_sq[h, c] += _pattern_change_sq(raw[r], pattern[r], dq, geo, allowed[r])
+                dk = k[None, :, g, c] * (
+                    cos[None, :, c] * q_rot[r, None, h, c] + sin_p[None, :, c] * q_rot[r, None, h, pc]
+                )
+                k_sq[g, c] += _pattern_change_sq(raw[r], pattern[r], dk, geo, allowed[r])
+    return q_sq.sqrt(), k_sq.sqrt()
+
+
+def _column_norms(x: Float[Tensor, "batch pos n"], mask: Tensor) -> Float[Tensor, "batch n"]:
+    """||x[b, :, n]||_2 over the real (mask == 1) positions of each row."""
+    return (x.float().square() * mask[:, :, None]).sum(dim=1).sqrt()
+
+
+def vo_importance(
+    z: Float[Tensor, "batch pos n_heads d_head"],
+    mask: Tensor,
+    w_o: Float[Tensor, "n_heads d_head d_model"],
+    n_kv: int,
+) -> tuple[Float[Tensor, "batch n_kv d_head"], Float[Tensor, "batch n_heads d_head"]]:
+    """Exact output-change norms for v (per KV head) and o neurons of one layer."""
+    b, _, n_heads, d_head = z.shape
+    n_rep = n_heads // n_kv
+    w_o = w_o.float()
+    o = _column_norms(z.flatten(2), mask).view(b, n_heads, d_head) * w_o.norm(dim=-1)
+    grouped = w_o.view(n_kv, n_rep, d_head, -1)
+    gram = torch.einsum("grdm,gsdm->gdrs", grouped, grouped)  # per KV head and dim
+    zg = (z.float() * mask[:, :, None, None]).view(b, -1, n_kv, n_rep, d_head)
+    v_sq = torch.einsum("bpgrd,gdrs,bpgsd->bgd", zg, gram, zg)
+    return v_sq.clamp(min=0).sqrt(), o
+
+
+# -- results ---------------------------------------------------------------------------------
+@dataclass
+class Importance:
+    """Per-prompt importance of every neuron: ``scores[kind]`` is ``[prompts, layers, neurons]``."""
+
+    arch: Architecture
+    scores: dict[Kind, Tensor]
+    prompts: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> tuple[Kind, ...]:
+        return tuple(k for k in KINDS if k in self.scores)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def threshold(self, eps: float | dict[Kind, float], rule: str = "all") -> NeuronSet:
+        """Neurons whose importance is ≥ ε for every prompt (Eq. 2-3; ``rule="any"``: some prompt)."""
+        if rule not in ("all", "any"):
+            raise ValueError(f"rule must be 'all' or 'any', got {rule!r}")
+        eps_by_kind = eps if isinstance(eps, dict) else dict.fromkeys(self.kinds, eps)
+        masks = {}
+        for kind in self.kinds:
+            above = self.scores[kind] >= eps_by_kind[kind]
+            masks[kind] = above.all(dim=0) if rule == "all" else above.any(dim=0)
+        return NeuronSet.from_masks(self.arch, masks, metadata={"eps": eps_by_kind, "rule": rule})
+
+    def reduce(self, how: str = "min") -> dict[Kind, Tensor]:
+        """Importance over prompts reduced per neuron (``min``: the value Eq. 3 thresholds)."""
+        if how not in ("min", "mean", "max"):
+            raise ValueError(f"how must be 'min', 'mean' or 'max', got {how!r}")
+        fn = {"min": torch.amin, "mean": torch.mean, "max": torch.amax}[how]
+        return {kind: fn(s, dim=0) for kind, s in self.scores.items()}
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per neuron: layer, kind, index, and min / mean / max importance over prompts."""
+        stats = {how: self.reduce(how) for how in ("min", "mean", "max")}
+        frames = []
+        for kind in self.kinds:
+            n_layers, size = stats["min"][kind].shape
+            layers, idx = np.meshgrid(np.arange(n_layers), np.arange(size), indexing="ij")
+            columns = {how: stats[how][kind].flatten().numpy() for how in stats}
+            frames.append(
+                pd.DataFrame({"layer": layers.ravel(), "kind": kind, "index": idx.ravel(), **columns})
+            )
+        return pd.concat(frames, ignore_index=True)
+
+
+# -- the public entry points -----------------------------------------------------------------
+@torch.no_grad()
+def neuron_importance(
+    subject: Subject,
+    prompts: Sequence[str],
+    kinds: Sequence[Kind] = KINDS,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    batch_size: int = 4,
+    chat: bool = True,
+    progress: bool = True,
+) -> Importance:
+    """Importance of every neuron of ``kinds`` for each prompt (Eq. 1, accelerated; see module doc)."""
+    prompts = check_prompts(prompts)
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown neuron kinds {sorted(unknown)}; kinds are {KINDS}")
+    arch = subject.arch
+    scores = {k: torch.zeros(len(prompts), arch.n_layers, kind_size(arch, k)) for k in kinds}
+    attn_kinds = [k for k in kinds if k != "ffn"]
+    w_o = subject.tl.W_O.detach()
+    w_out_norm = subject.tl.W_out.detach().float().norm(dim=-1)  # [layer, d_mlp]
+    geos = [_geometry(subject, layer) for layer in range(arch.n_layers)]
+    stash: dict[str, Tensor] = {}
+    state: dict[str, Any] = {}
+
+    def keep(act: Tensor, *, hook) -> None:
+        stash[hook.name] = act
+
+    def on_post(act: Tensor, *, hook) -> None:
+        layer = int(hook.name.split(".")[1])
+        norms = _column_norms(act, state["mask"]) * w_out_norm[layer]
+        scores["ffn"][state["rows"], layer] = norms.cpu()
+
+    def on_z(act: Tensor, *, hook) -> None:
+        layer = int(hook.name.split(".")[1])
+        mask, rows = state["mask"], state["rows"]
+        if "v" in kinds or "o" in kinds:
+            v, o = vo_importance(act, mask, w_o[layer], arch.n_kv_heads)
+            for kind, value in (("v", v), ("o", o)):
+                if kind in kinds:
+                    scores[kind][rows, layer] = value.flatten(1).cpu()
+        if "q" in kinds or "k" in kinds:
+            q_all, k_all = stash.pop(hook_name(layer, "q")), stash.pop(hook_name(layer, "k"))
+            for row, prompt_index in enumerate(rows):
+                length = int(mask[row].sum())
+                q, k = q_all[row, -length:], k_all[row, -length:]
+                rotary = state["rotary"][:length] if geos[layer].rotary else None
+                q_imp, k_imp = qk_importance(q, k, geos[layer], rotary, chunk_bytes)
+                if "q" in kinds:
+                    scores["q"][prompt_index, layer] = q_imp.flatten().cpu()
+                if "k" in kinds:
+                    scores["k"][prompt_index, layer] = k_imp.flatten().cpu()
+
+    hooks = []
+    for layer in range(arch.n_layers):
+        if "ffn" in kinds:
+            hooks.append((hook_name(layer, "ffn"), on_post))
+        if "q" in kinds or "k" in kinds:
+            hooks += [(hook_name(layer, "q"), keep), (hook_name(layer, "k"), keep)]
+        if attn_kinds:
+            hooks.append((hook_name(layer, "o"), on_z))
+    desc = "neuron importance" if progress else None
+    for batch in batches(subject, prompts, batch_size, chat=chat, desc=desc):
+        state["mask"] = batch.attention_mask.float()
+        state["rows"] = batch.order
+        if any(g.rotary for g in geos) and ("q" in kinds or "k" in kinds):
+            cos, sin = _rotary(subject, batch.input_ids.shape[1])
+            state["rotary"] = _RotaryTable(cos, sin)
+        with subject.tl.hooks(fwd_hooks=hooks):
+            subject.tl(batch.input_ids, attention_mask=batch.attention_mask, return_type=None)
+        stash.clear()
+    config = {"kinds": list(kinds), "chunk_bytes": chunk_bytes, "batch_size": batch_size, "chat": chat}
+    return Importance(arch, scores, prompts, config)
+
+
+class _RotaryTable:
+    """Rotary cos/sin sliced to a prompt's length: ``table[:length] -> (cos, sin)``."""
+
+    def __init__(self, cos: Tensor, sin: Tensor) -> None:
+        self.cos, self.sin = cos, sin
+
+    def __getitem__(self, s: slice) -> tuple[Tensor, Tensor]:
+        return self.cos[s], self.sin[s]
+
+
+# -- brute force (Eq. 1 one neuron at a time): the reference the tests and benchmark use -----
+@torch.no_grad()
+def ablation_importance(
+    subject: Subject,
+    prompt: str,
+    layer: int,
+    kind: Kind,
+    indices: Sequence[int] | None = None,
+    measure: str = "output",
+    chat: bool = True,
+) -> Float[Tensor, " n"]:
+    """Deactivate each neuron in turn and measure the change (slow; the reference for tests).
+
+    ``measure="output"``: ``||Δ||_2`` of the owning sub-layer's output (``hook_attn_out`` or
+    ``hook_mlp_out``) over all positions (Eq. 1). ``measure="pattern"``: ``||Δ||_2`` of the
+    attention pattern of the layer (all heads). For Gemma-2 those hooks come after its
+    post-sub-layer norm, while the accelerated scores are taken at the projection's output, so
+    the two agree exactly only for the other families.
+    """
+    if measure not in ("output", "pattern"):
+        raise ValueError(f"measure must be 'output' or 'pattern', got {measure!r}")
+    (batch,) = batches(subject, [prompt], 1, chat=chat)
+    if measure == "pattern":
+        site = f"blocks.{layer}.attn.hook_pattern"
+    else:
+        site = f"blocks.{layer}.hook_mlp_out" if kind == "ffn" else f"blocks.{layer}.hook_attn_out"
+    seen: dict[str, Tensor] = {}
+
+    def record(act: Tensor, *, hook) -> None:
+        seen["x"] = act.float().clone()
+
+    def run(extra: list) -> Tensor:
+        subject.tl.run_with_hooks(batch.input_ids, fwd_hooks=[*extra, (site, record)], return_type=None)
+        return seen["x"]
+
+    base = run([])
+    indices = range(kind_size(subject.arch, kind)) if indices is None else indices
+    out = torch.zeros(len(indices))
+    for i, index in enumerate(indices):
+        neuron = NeuronSet(subject.arch, {(layer, kind): [index]})
+        out[i] = (run(ablation_hooks(neuron)) - base).norm()
+    return out
