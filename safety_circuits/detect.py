@@ -1,0 +1,118 @@
+"""Safety, foundation and robust safety neurons (SN-Tune, Eq. 2-3 and Sec. 4).
+
+Safety neurons are the neurons important for *every* harmful query (Eq. 3). The paper leaves ε
+unspecified; the default here is scale-free: for each prompt and neuron kind, ε is the
+``DEFAULT_QUANTILE`` quantile of that prompt's importances of that kind (over all layers), so a
+neuron is kept when it is in the top 5% of its kind for every prompt. An absolute ``eps`` (the
+paper's literal rule) and a per-prompt ``top_k`` are the alternatives; the rule used is recorded in
+the NeuronSet's metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from safety_circuits.importance import Importance, Rule, neuron_importance
+from safety_circuits.neurons import KINDS, Kind, NeuronSet
+
+if TYPE_CHECKING:
+    from safety_circuits.loading import Subject
+
+DEFAULT_QUANTILE = 0.95
+
+
+def select_neurons(
+    importance: Importance,
+    eps: float | dict[Kind, float] | None = None,
+    quantile: float | None = None,
+    top_k: int | None = None,
+    rule: Rule = "all",
+) -> NeuronSet:
+    """Apply one selection rule (``eps``, ``quantile`` or ``top_k``; default: the quantile rule)."""
+    given = sum(x is not None for x in (eps, quantile, top_k))
+    if given > 1:
+        raise ValueError("give at most one of eps, quantile, top_k")
+    if eps is not None:
+        return importance.threshold(eps, rule=rule)
+    if top_k is not None:
+        return importance.select(top_k=top_k, rule=rule)
+    return importance.select(quantile=DEFAULT_QUANTILE if quantile is None else quantile, rule=rule)
+
+
+def _find(
+    name: str,
+    subject: Subject,
+    prompts: Sequence[str],
+    selection: dict[str, Any],
+    kinds: Sequence[Kind],
+    chat: bool,
+    **importance_kwargs: Any,
+) -> NeuronSet:
+    importance = neuron_importance(subject, prompts, kinds=kinds, chat=chat, **importance_kwargs)
+    return select_neurons(importance, **selection).with_metadata(name=name, source=subject.name)
+
+
+def find_safety_neurons(
+    subject: Subject,
+    harmful_prompts: Sequence[str],
+    eps: float | dict[Kind, float] | None = None,
+    rule: Rule = "all",
+    quantile: float | None = None,
+    top_k: int | None = None,
+    kinds: Sequence[Kind] = KINDS,
+    **importance_kwargs: Any,
+) -> NeuronSet:
+    """Neurons important for every harmful prompt (Eq. 2-3), prompts rendered as chat turns."""
+    selection = {"eps": eps, "quantile": quantile, "top_k": top_k, "rule": rule}
+    return _find("safety", subject, harmful_prompts, selection, kinds, True, **importance_kwargs)
+
+
+def find_foundation_neurons(
+    subject: Subject,
+    general_texts: Sequence[str],
+    eps: float | dict[Kind, float] | None = None,
+    rule: Rule = "all",
+    quantile: float | None = None,
+    top_k: int | None = None,
+    kinds: Sequence[Kind] = KINDS,
+    **importance_kwargs: Any,
+) -> NeuronSet:
+    """Neurons important for every text of a general corpus (the same method on plain text)."""
+    selection = {"eps": eps, "quantile": quantile, "top_k": top_k, "rule": rule}
+    return _find("foundation", subject, general_texts, selection, kinds, False, **importance_kwargs)
+
+
+def robust_safety_neurons(safety: NeuronSet, foundation: NeuronSet) -> NeuronSet:
+    """Safety neurons that are not foundation neurons: the neurons RSN-Tune trains (Sec. 4)."""
+    return (safety - foundation).with_metadata(
+        name="robust_safety", safety=dict(safety.metadata), foundation=dict(foundation.metadata)
+    )
+
+
+def corpus_size_stability(
+    importance: Importance,
+    sizes: Sequence[int] | None = None,
+    seed: int = 0,
+    **selection: Any,
+) -> pd.DataFrame:
+    """Number of neurons selected from the first ``n`` prompts of a seeded order (paper Table 5).
+
+    Importance is computed once; each row re-applies the selection rule to a prefix of prompts.
+    """
+    n = len(importance)
+    sizes = sizes or sorted({s for s in (10, 20, 50, 100, 200, 400, 800) if s < n} | {n})
+    order = np.random.default_rng(seed).permutation(n)
+    rows = []
+    for size in sizes:
+        if not 1 <= size <= n:
+            raise ValueError(f"corpus size {size} outside [1, {n}]")
+        neurons = select_neurons(importance.subset(order[:size].tolist()), **selection)
+        counts = neurons.counts().sum()
+        rows.append(
+            {"corpus_size": size, "neurons": len(neurons), "fraction": neurons.fraction_of(), **counts}
+        )
+    return pd.DataFrame(rows)
