@@ -2,7 +2,9 @@
 
 from safety_circuits import data
 from safety_circuits.data import advbench, harmbench, harmless
+from safety_circuits.detect import find_foundation_neurons, find_safety_neurons, robust_safety_neurons
 from safety_circuits.evaluate import attack_success_rate, generate, is_refusal, over_refusal_rate
+from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.loading import Architecture, Subject, UnsupportedArchitectureError, load_model
 from safety_circuits.neurons import (
     KINDS,
@@ -21,6 +23,7 @@ __all__ = [
     "KINDS",
     "Architecture",
     "ArchitectureMismatchError",
+    "Importance",
     "NeuronSet",
     "Subject",
     "UnsupportedArchitectureError",
@@ -29,6 +32,8 @@ __all__ = [
     "advbench",
     "attack_success_rate",
     "data",
+    "find_foundation_neurons",
+    "find_safety_neurons",
     "generate",
     "harmbench",
     "harmless",
@@ -37,5 +42,7 @@ __all__ = [
     "hook_name",
     "is_refusal",
     "load_model",
+    "neuron_importance",
     "over_refusal_rate",
+    "robust_safety_neurons",
 ]

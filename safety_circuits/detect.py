@@ -43,17 +43,22 @@ def select_neurons(
     return importance.select(quantile=DEFAULT_QUANTILE if quantile is None else quantile, rule=rule)
 
 
-def _find(
-    name: str,
+def find_neurons(
     subject: Subject,
     prompts: Sequence[str],
-    selection: dict[str, Any],
-    kinds: Sequence[Kind],
-    chat: bool,
+    eps: float | dict[Kind, float] | None = None,
+    rule: Rule = "all",
+    quantile: float | None = None,
+    top_k: int | None = None,
+    kinds: Sequence[Kind] = KINDS,
+    chat: bool = True,
+    name: str = "neurons",
     **importance_kwargs: Any,
 ) -> NeuronSet:
+    """Neurons important for every prompt (Eq. 2-3): importance, then one selection rule."""
     importance = neuron_importance(subject, prompts, kinds=kinds, chat=chat, **importance_kwargs)
-    return select_neurons(importance, **selection).with_metadata(name=name, source=subject.name)
+    neurons = select_neurons(importance, eps=eps, quantile=quantile, top_k=top_k, rule=rule)
+    return neurons.with_metadata(name=name, source=subject.name)
 
 
 def find_safety_neurons(
@@ -61,14 +66,10 @@ def find_safety_neurons(
     harmful_prompts: Sequence[str],
     eps: float | dict[Kind, float] | None = None,
     rule: Rule = "all",
-    quantile: float | None = None,
-    top_k: int | None = None,
-    kinds: Sequence[Kind] = KINDS,
-    **importance_kwargs: Any,
+    **kwargs: Any,
 ) -> NeuronSet:
-    """Neurons important for every harmful prompt (Eq. 2-3), prompts rendered as chat turns."""
-    selection = {"eps": eps, "quantile": quantile, "top_k": top_k, "rule": rule}
-    return _find("safety", subject, harmful_prompts, selection, kinds, True, **importance_kwargs)
+    """Safety neurons: important for every harmful query, rendered as a chat turn (Eq. 3)."""
+    return find_neurons(subject, harmful_prompts, eps=eps, rule=rule, chat=True, name="safety", **kwargs)
 
 
 def find_foundation_neurons(
@@ -76,14 +77,10 @@ def find_foundation_neurons(
     general_texts: Sequence[str],
     eps: float | dict[Kind, float] | None = None,
     rule: Rule = "all",
-    quantile: float | None = None,
-    top_k: int | None = None,
-    kinds: Sequence[Kind] = KINDS,
-    **importance_kwargs: Any,
+    **kwargs: Any,
 ) -> NeuronSet:
-    """Neurons important for every text of a general corpus (the same method on plain text)."""
-    selection = {"eps": eps, "quantile": quantile, "top_k": top_k, "rule": rule}
-    return _find("foundation", subject, general_texts, selection, kinds, False, **importance_kwargs)
+    """Foundation neurons: the same method on plain general text (Sec. 4)."""
+    return find_neurons(subject, general_texts, eps=eps, rule=rule, chat=False, name="foundation", **kwargs)
 
 
 def robust_safety_neurons(safety: NeuronSet, foundation: NeuronSet) -> NeuronSet:
