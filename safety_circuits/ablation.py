@@ -1,0 +1,186 @@
+"""Deactivation experiments (SN-Tune, Table 1, Fig. 2 and Fig. 4): safety neurons vs random ones.
+
+Every experiment deactivates neurons with TransformerLens hooks (:func:`~safety_circuits.neurons.ablate`)
+and reports ASR on harmful prompts, over-refusal on harmless ones, and capability: exact-match
+accuracy on the project's short-answer questions and the mean KL divergence of next-token
+distributions on harmless prompts against the unmodified model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+
+from safety_circuits.activations import batches
+from safety_circuits.evaluate import attack_success_rate, generate, over_refusal_rate
+from safety_circuits.importance import Importance
+from safety_circuits.neurons import NeuronSet, ablate
+
+if TYPE_CHECKING:
+    from safety_circuits.loading import Subject
+
+_DATA = Path(__file__).parent / "_data"
+
+
+@cache
+def _capability_rows() -> tuple[dict, ...]:
+    return tuple(json.loads((_DATA / "capability.json").read_text())["questions"])
+
+
+def capability_questions() -> pd.DataFrame:
+    """The project's short-answer questions: id, category, question, answers."""
+    return pd.DataFrame(list(_capability_rows()))
+
+
+def is_correct(response: str, answers: Sequence[str]) -> bool:
+    """Exact match: an accepted answer appears in the response as a whole word or number.
+
+    >>> is_correct("The capital of France is Paris.", ["Paris"])
+    True
+    >>> is_correct("It is 120.", ["12", "twelve"])
+    False
+    """
+    text = response.lower()
+    return any(re.search(rf"(?<![\w.]){re.escape(a.lower())}(?![\w]|\.\d)", text) for a in answers)
+
+
+@dataclass
+class CapabilityEval:
+    """Per-question responses and correctness; ``accuracy`` is the exact-match rate."""
+
+    frame: pd.DataFrame
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.frame["correct"].mean())
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+
+def capability_accuracy(
+    subject: Subject, questions: pd.DataFrame | None = None, max_new_tokens: int = 16, **generate_kwargs: Any
+) -> CapabilityEval:
+    """Exact-match accuracy on short-answer questions (the project's set by default)."""
+    questions = capability_questions() if questions is None else questions
+    responses = generate(
+        subject, questions["question"].tolist(), max_new_tokens=max_new_tokens, **generate_kwargs
+    )
+    frame = questions.assign(response=responses)
+    frame["correct"] = [is_correct(r, a) for r, a in zip(frame["response"], frame["answers"], strict=True)]
+    return CapabilityEval(frame)
+
+
+@torch.no_grad()
+def next_token_logprobs(subject: Subject, prompts: Sequence[str], batch_size: int = 8) -> list[torch.Tensor]:
+    """Log-probabilities of the next token at every real position of each chat-rendered prompt."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for batch in batches(subject, prompts, batch_size):
+        logp = subject.tl(batch.input_ids, attention_mask=batch.attention_mask).float().log_softmax(-1)
+        for row, i in enumerate(batch.order):
+            out[i] = logp[row, batch.attention_mask[row].bool()].cpu()
+    return out
+
+
+def mean_kl(reference: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> float:
+    """Mean over tokens of KL(reference || other) between next-token distributions."""
+    ref, oth = torch.cat(list(reference)), torch.cat(list(other))
+    return float((ref.exp() * (ref - oth)).sum(-1).mean())
+
+
+def _measure(
+    subject: Subject,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    capability: pd.DataFrame | None,
+    reference: list[torch.Tensor],
+    max_new_tokens: int,
+) -> dict[str, float]:
+    row = {
+        "asr": attack_success_rate(subject, harmful, max_new_tokens=max_new_tokens, progress=False).rate,
+        "over_refusal": over_refusal_rate(
+            subject, harmless, max_new_tokens=max_new_tokens, progress=False
+        ).rate,
+        "kl": mean_kl(reference, next_token_logprobs(subject, harmless)),
+    }
+    if capability is not None:
+        row["capability"] = capability_accuracy(subject, capability, progress=False).accuracy
+    return row
+
+
+def deactivation_experiment(
+    subject: Subject,
+    neurons: NeuronSet,
+    harmful_eval: Sequence[str],
+    harmless_eval: Sequence[str],
+    capability: pd.DataFrame | None = None,
+    random_seeds: int = 3,
+    max_new_tokens: int = 48,
+) -> pd.DataFrame:
+    """Table 1: Origin, Deact-R (random neurons, same count per layer and kind; one row per seed)
+    and Deact-SN, with ASR, over-refusal, capability (exact match) and KL vs the original.
+
+    ``capability``: questions as from :func:`capability_questions` (``None``: skip exact match).
+    """
+    reference = next_token_logprobs(subject, harmless_eval)
+    settings: list[tuple[str, int | None, NeuronSet | None]] = [("Origin", None, None)]
+    settings += [("Deact-R", seed, neurons.random_like(seed=seed)) for seed in range(random_seeds)]
+    settings.append(("Deact-SN", None, neurons))
+    rows = []
+    for setting, seed, chosen in settings:
+        with ablate(subject, chosen) if chosen is not None else nullcontext():
+            measured = _measure(subject, harmful_eval, harmless_eval, capability, reference, max_new_tokens)
+        rows.append({"setting": setting, "seed": seed, "neurons": len(chosen or []), **measured})
+    return pd.DataFrame(rows)
+
+
+def asr_vs_fraction(
+    subject: Subject,
+    importance: Importance,
+    harmful_eval: Sequence[str],
+    quantiles: Sequence[float] = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9),
+    max_new_tokens: int = 48,
+) -> pd.DataFrame:
+    """Fig. 2: ASR as more safety neurons are deactivated (looser quantile rule -> more neurons)."""
+    rows = []
+    for q in quantiles:
+        neurons = importance.select(quantile=q)
+        with ablate(subject, neurons):
+            asr = attack_success_rate(
+                subject, harmful_eval, max_new_tokens=max_new_tokens, progress=False
+            ).rate
+        rows.append({"quantile": q, "neurons": len(neurons), "fraction": neurons.fraction_of(), "asr": asr})
+    return pd.DataFrame(rows)
+
+
+def layer_sweep(
+    subject: Subject,
+    neurons: NeuronSet,
+    harmful_eval: Sequence[str],
+    ks: Sequence[int] | None = None,
+    max_new_tokens: int = 48,
+) -> pd.DataFrame:
+    """Fig. 4: ASR when only the safety neurons of the first k layers (``side="first"``) or of the
+    last k layers (``side="last"``) are deactivated."""
+    n_layers = neurons.arch.n_layers
+    ks = ks or sorted({max(1, round(n_layers * f)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
+    rows = []
+    for side in ("first", "last"):
+        for k in ks:
+            keep = range(k) if side == "first" else range(n_layers - k, n_layers)
+            chosen = NeuronSet(neurons.arch, {s: i for s, i in neurons.indices.items() if s[0] in keep})
+            with ablate(subject, chosen):
+                asr = attack_success_rate(
+                    subject, harmful_eval, max_new_tokens=max_new_tokens, progress=False
+                ).rate
+            rows.append({"side": side, "layers": k, "neurons": len(chosen), "asr": asr})
+    return pd.DataFrame(rows)
