@@ -77,3 +77,12 @@ def test_asr_vs_fraction_and_layer_sweep(setup):
     full = sweep[sweep["layers"] == subject.arch.n_layers]["neurons"]
     assert (full == len(neurons)).all()
     assert set(sweep["side"]) == {"first", "last"}
+
+
+def test_capability_set():
+    from safety_circuits.ablation import capability_questions
+
+    frame = capability_questions()
+    assert len(frame) >= 150 and frame["question"].is_unique and frame["id"].is_unique
+    assert all(len(a) >= 1 and all(isinstance(x, str) and x for x in a) for a in frame["answers"])
+    assert all(is_correct(a[0], a) for a in frame["answers"])
