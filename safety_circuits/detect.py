@@ -3,9 +3,10 @@
 Safety neurons are the neurons important for *every* harmful query (Eq. 3). The paper leaves ε
 unspecified; the default here is scale-free: for each prompt and neuron kind, ε is the
 ``DEFAULT_QUANTILE`` quantile of that prompt's importances of that kind (over all layers), so a
-neuron is kept when it is in the top 5% of its kind for every prompt. An absolute ``eps`` (the
-paper's literal rule) and a per-prompt ``top_k`` are the alternatives; the rule used is recorded in
-the NeuronSet's metadata.
+neuron is kept when it is in the top 1% of its kind for every prompt (on SmolLM2-135M-Instruct
+and the 41 HarmBench val behaviours: 0.66% of all neurons, the paper's order of magnitude). An
+absolute ``eps`` (the paper's literal rule) and a per-prompt ``top_k`` are the alternatives; the
+rule used is recorded in the NeuronSet's metadata.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safety_circuits.neurons import KINDS, Kind, NeuronSet
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
 
-DEFAULT_QUANTILE = 0.95
+DEFAULT_QUANTILE = 0.99
 
 
 def select_neurons(
