@@ -50,7 +50,7 @@ def main() -> None:
     stability = detect.corpus_size_stability(importance)
     harmful_eval = sc.data.sample(sc.harmbench("test"), n_eval)
     harmless_eval = sc.data.sample(sc.harmless("eval"), n_eval)
-    capability = ablation.capability_questions().sample(n_capability, random_state=0)
+    capability = sc.data.capability_questions().sample(n_capability, random_state=0)
     table = ablation.deactivation_experiment(
         subject, safety, harmful_eval, harmless_eval, capability=capability, random_seeds=1, max_new_tokens=32
     )

@@ -8,37 +8,23 @@ distributions on harmless prompts against the unmodified model.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 
 from safety_circuits.activations import batches
+from safety_circuits.data import capability_questions
 from safety_circuits.evaluate import attack_success_rate, generate, over_refusal_rate
 from safety_circuits.importance import Importance
 from safety_circuits.neurons import NeuronSet, ablate
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
-
-_DATA = Path(__file__).parent / "_data"
-
-
-@cache
-def _capability_rows() -> tuple[dict, ...]:
-    return tuple(json.loads((_DATA / "capability.json").read_text())["questions"])
-
-
-def capability_questions() -> pd.DataFrame:
-    """The project's short-answer questions: id, category, question, answers."""
-    return pd.DataFrame(list(_capability_rows()))
 
 
 def is_correct(response: str, answers: Sequence[str]) -> bool:

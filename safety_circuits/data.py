@@ -132,15 +132,21 @@ def advbench(split: Split = "train", path: str | os.PathLike | None = None) -> l
 
 
 @cache
-def _harmless_rows() -> tuple[dict, ...]:
-    return tuple(json.loads((_DATA / "harmless.json").read_text())["instructions"])
+def _project_rows(file: str, key: str) -> tuple[dict, ...]:
+    """Rows of one of the project's own JSON data files (``_data/``)."""
+    return tuple(json.loads((_DATA / file).read_text())[key])
 
 
 def harmless_frame() -> pd.DataFrame:
     """The project's harmless instructions: id, category, text, split."""
-    frame = pd.DataFrame(list(_harmless_rows()))
+    frame = pd.DataFrame(list(_project_rows("harmless.json", "instructions")))
     frame["split"] = frame.groupby("category").cumcount().map(lambda i: "train" if i % 2 == 0 else "eval")
     return frame
+
+
+def capability_questions() -> pd.DataFrame:
+    """The project's 180 short-answer questions (id, category, question, answers) for exact match."""
+    return pd.DataFrame(list(_project_rows("capability.json", "questions")))
 
 
 def harmless(split: Split = "eval", categories: Sequence[str] | None = None) -> list[str]:

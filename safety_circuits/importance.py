@@ -316,7 +316,6 @@ def neuron_importance(
         raise ValueError(f"unknown neuron kinds {sorted(unknown)}; kinds are {KINDS}")
     arch = subject.arch
     scores = {k: torch.zeros(len(prompts), arch.n_layers, kind_size(arch, k)) for k in kinds}
-    attn_kinds = [k for k in kinds if k != "ffn"]
     w_o = subject.tl.W_O.detach()
     w_out_norm = subject.tl.W_out.detach().float().norm(dim=-1)  # [layer, d_mlp]
     geos = [_geometry(subject, layer) for layer in range(arch.n_layers)]
@@ -344,7 +343,7 @@ def neuron_importance(
             for row, prompt_index in enumerate(rows):
                 length = int(mask[row].sum())
                 q, k = q_all[row, -length:], k_all[row, -length:]
-                rotary = state["rotary"][:length] if geos[layer].rotary else None
+                rotary = tuple(t[:length] for t in state["rotary"]) if geos[layer].rotary else None
                 q_imp, k_imp = qk_importance(q, k, geos[layer], rotary, chunk_bytes)
                 if "q" in kinds:
                     scores["q"][prompt_index, layer] = q_imp.flatten().cpu()
@@ -357,30 +356,19 @@ def neuron_importance(
             hooks.append((hook_name(layer, "ffn"), on_post))
         if "q" in kinds or "k" in kinds:
             hooks += [(hook_name(layer, "q"), keep), (hook_name(layer, "k"), keep)]
-        if attn_kinds:
+        if set(kinds) - {"ffn"}:
             hooks.append((hook_name(layer, "o"), on_z))
     desc = "neuron importance" if progress else None
     for batch in batches(subject, prompts, batch_size, chat=chat, desc=desc):
         state["mask"] = batch.attention_mask.float()
         state["rows"] = batch.order
         if any(g.rotary for g in geos) and ("q" in kinds or "k" in kinds):
-            cos, sin = _rotary(subject, batch.input_ids.shape[1])
-            state["rotary"] = _RotaryTable(cos, sin)
+            state["rotary"] = _rotary(subject, batch.input_ids.shape[1])
         with subject.tl.hooks(fwd_hooks=hooks):
             subject.tl(batch.input_ids, attention_mask=batch.attention_mask, return_type=None)
         stash.clear()
     config = {"kinds": list(kinds), "chunk_bytes": chunk_bytes, "batch_size": batch_size, "chat": chat}
     return Importance(arch, scores, prompts, config)
-
-
-class _RotaryTable:
-    """Rotary cos/sin sliced to a prompt's length: ``table[:length] -> (cos, sin)``."""
-
-    def __init__(self, cos: Tensor, sin: Tensor) -> None:
-        self.cos, self.sin = cos, sin
-
-    def __getitem__(self, s: slice) -> tuple[Tensor, Tensor]:
-        return self.cos[s], self.sin[s]
 
 
 # -- brute force (Eq. 1 one neuron at a time): the reference the tests and benchmark use -----

@@ -10,6 +10,7 @@ from safety_circuits.ablation import (
     mean_kl,
     next_token_logprobs,
 )
+from safety_circuits.data import capability_questions
 from safety_circuits.detect import select_neurons
 from safety_circuits.importance import neuron_importance
 
@@ -80,8 +81,6 @@ def test_asr_vs_fraction_and_layer_sweep(setup):
 
 
 def test_capability_set():
-    from safety_circuits.ablation import capability_questions
-
     frame = capability_questions()
     assert len(frame) >= 150 and frame["question"].is_unique and frame["id"].is_unique
     assert all(len(a) >= 1 and all(isinstance(x, str) and x for x in a) for a in frame["answers"])
