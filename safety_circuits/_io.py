@@ -1,13 +1,22 @@
-"""Atomic writes: a file or folder appears whole at its final path, or not at all."""
+"""Atomic writes (a file or folder appears whole at its final path, or not at all), and
+safetensors files with a JSON header (no pickles)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+FORMAT_VERSION = 1
 
 
 def _umask() -> int:
@@ -52,3 +61,36 @@ def atomic_folder(target: str | os.PathLike, overwrite: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, Tensor], kind: str, header: dict[str, Any]
+) -> Path:
+    """Write ``tensors`` to a ``.safetensors`` file atomically, with ``header`` as JSON beside them."""
+    path = Path(path)
+    full = {"format": f"safety_circuits.{kind}", "version": FORMAT_VERSION, **header}
+    with atomic_file(path) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            tmp,
+            metadata={"safety_circuits": json.dumps(full)},
+        )
+    return path
+
+
+def load_tensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a file written by :func:`save_tensors` for ``kind``; a clear ``ValueError`` otherwise."""
+    path = Path(path)
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            header = json.loads((f.metadata() or {})["safety_circuits"])
+        if not isinstance(header, dict):
+            raise TypeError("the header is not a JSON object")
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a valid {kind} file (corrupted or foreign): {e}") from e
+    if header.get("format") != f"safety_circuits.{kind}" or header.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a {kind} file of format version {FORMAT_VERSION}")
+    return tensors, header

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -15,13 +15,25 @@ if TYPE_CHECKING:
     from safety_circuits.loading import Subject
 
 
+Positions = Literal["all", "user"]
+
+
 @dataclass
 class Batch:
-    """One left-padded batch; ``order`` gives each row's position in the caller's prompt list."""
+    """One left-padded batch; ``order`` gives each row's position in the caller's prompt list.
+
+    ``positions`` is 1 on the tokens to measure: every real token (the default), or, from
+    ``batches(..., positions="user")``, only the prompt's own tokens, not the chat template's.
+    """
 
     order: list[int]
     input_ids: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
+    positions: Int[Tensor, "batch pos"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.positions is None:
+            self.positions = self.attention_mask
 
 
 def check_prompts(prompts: Sequence[str], what: str = "prompts") -> list[str]:
@@ -47,16 +59,34 @@ def render(
 
 def tokenize(subject: Subject, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of rendered texts; special tokens come from the chat template, not added twice."""
+    return _encode(subject, texts)["input_ids"]
+
+
+def _encode(subject: Subject, texts: Sequence[str], offsets: bool = False):
     has_template = bool(getattr(subject.tokenizer, "chat_template", None))
-    ids = subject.tokenizer(list(texts), add_special_tokens=not has_template)["input_ids"]
+    enc = subject.tokenizer(list(texts), add_special_tokens=not has_template, return_offsets_mapping=offsets)
+    ids = enc["input_ids"]
     too_long = [i for i, x in enumerate(ids) if len(x) > subject.max_ctx]
     if too_long:
         raise ValueError(f"prompts {too_long[:10]} are longer than max_ctx={subject.max_ctx} tokens")
-    return ids
+    return enc
+
+
+def prompt_token_masks(subject: Subject, texts: Sequence[str], prompts: Sequence[str]) -> list[list[int]]:
+    """For each rendered text, 1 on the tokens that overlap the prompt's own characters, else 0."""
+    enc = _encode(subject, texts, offsets=True)
+    masks = []
+    for text, prompt, spans in zip(texts, prompts, enc["offset_mapping"], strict=True):
+        start = text.rfind(prompt.strip())
+        if start < 0:
+            raise ValueError(f"the chat template changed the prompt's text; cannot find {prompt[:60]!r}")
+        end = start + len(prompt.strip())
+        masks.append([int(a < end and b > start) for a, b in spans])
+    return masks
 
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Stack token lists to ``[batch, pos]`` with padding on the left, and the attention mask."""
+    """Stack token lists to ``[batch, pos]`` with ``pad_id`` on the left, and the attention mask."""
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -74,16 +104,22 @@ def batches(
     chat: bool = True,
     system: str | None = None,
     desc: str | None = None,
+    positions: Positions = "all",
 ) -> Iterator[Batch]:
     """Yield left-padded batches of similar length (prompts sorted by token count)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ids = tokenize(subject, render(subject, prompts, chat=chat, system=system))
+    if positions not in ("all", "user"):
+        raise ValueError(f"positions must be 'all' or 'user', got {positions!r}")
+    texts = render(subject, prompts, chat=chat, system=system)
+    ids = tokenize(subject, texts)
+    selected = prompt_token_masks(subject, texts, prompts) if positions == "user" else None
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         input_ids, mask = left_pad([ids[i] for i in chunk], subject.tokenizer.pad_token_id, subject.device)
-        yield Batch(chunk, input_ids, mask)
+        chosen = None if selected is None else left_pad([selected[i] for i in chunk], 0, subject.device)[0]
+        yield Batch(chunk, input_ids, mask, chosen)
 
 
 @torch.no_grad()

@@ -22,8 +22,10 @@ extra memory stays under ``chunk_bytes`` whatever the prompt length.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -32,15 +34,25 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from safety_circuits.activations import batches, check_prompts
+from safety_circuits._io import load_tensors, save_tensors
+from safety_circuits.activations import Positions, batches, check_prompts
 from safety_circuits.loading import Architecture
-from safety_circuits.neurons import KINDS, Kind, NeuronSet, ablation_hooks, hook_name, kind_size
+from safety_circuits.neurons import (
+    KINDS,
+    Kind,
+    NeuronSet,
+    ablation_hooks,
+    check_arch,
+    hook_name,
+    kind_size,
+)
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 Rule = Literal["all", "any"]
+_ROW_BLOCKS = 2  # at least this many query-row blocks, each with only the keys it can see
 _TEMPORARIES = 12  # float32 tensors of a chunk's size alive at once (benchmarks/bench_importance.py)
 
 
@@ -97,33 +109,48 @@ def _causal_mask(length: int, window: int | None, device) -> Bool[Tensor, "q k"]
     return allowed
 
 
-def _scores_to_pattern(raw: Tensor, geo: _AttnGeometry, allowed: Tensor) -> Tensor:
-    """Scale, soft-cap, mask and softmax raw ``q·k`` scores (keys on dim 1)."""
-    s = raw * geo.scale
+def _pattern(scores: Tensor, geo: _AttnGeometry, allowed: Tensor, keys: int = -1) -> Tensor:
+    """Soft-cap, mask and softmax scaled scores over the ``keys`` axis."""
     if geo.softcap:
-        s = geo.softcap * torch.tanh(s / geo.softcap)
-    return torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=1)
+        scores = geo.softcap * torch.tanh(scores / geo.softcap)
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=keys)
 
 
 # -- the accelerated identities --------------------------------------------------------------
 def _pattern_change_sq(
-    base_raw: Float[Tensor, "r k"],
-    base_pattern: Float[Tensor, "r k"],
-    deltas: Float[Tensor, "r k c"],
+    scores: Float[Tensor, "h r k"],
+    pattern: Float[Tensor, "h r k"],
+    shifts: Float[Tensor, "h r k c"],
     geo: _AttnGeometry,
     allowed: Bool[Tensor, "r k"],
-) -> Float[Tensor, " c"]:
-    """Σ over rows and keys of (pattern(raw − Δ_c) − pattern(raw))², one value per dimension c."""
-    perturbed = _scores_to_pattern(base_raw[:, :, None] - deltas, geo, allowed[:, :, None])
-    return (perturbed - base_pattern[:, :, None]).square().sum(dim=(0, 1))
+    rows: Float[Tensor, " r"],
+) -> Float[Tensor, "h c"]:
+    """Σ over rows (weighted by ``rows``) and keys of (pattern(scores + shift_c) − pattern(scores))².
+
+    ``shifts`` is the change of the scaled scores, ``−scale·Δ``. Without a soft cap, each key's
+    weight is multiplied by ``e_j = exp(shift_j)``, so with ``E = Σ_j p_j e_j`` the new pattern is
+    ``p_j e_j / E`` and ``Σ_j (p'_j − p_j)² = Σ_j p_j² (e_j − E)² / E²``: two weighted sums over keys
+    instead of a softmax per dimension (the same rounding as subtracting the two softmaxes). The
+    soft cap, or an ``exp`` that overflows, takes the direct softmax.
+    """
+    if not geo.softcap:
+        e = torch.exp(shifts)
+        big_e = torch.einsum("hrk,hrkc->hrc", pattern, e)
+        spread = torch.einsum("hrk,hrkc->hrc", pattern.square(), e.sub_(big_e[:, :, None]).square_())
+        change = torch.einsum("hrc,r->hc", spread / big_e.square(), rows)
+        if torch.isfinite(change).all():
+            return change
+    perturbed = _pattern(scores[..., None] + shifts, geo, allowed[..., None], keys=-2)
+    return torch.einsum("hrkc,r->hc", (perturbed - pattern[..., None]).square(), rows)
 
 
-def _dim_chunks(length: int, d_head: int, chunk_bytes: int) -> tuple[int, int]:
-    """Query rows and dimensions per chunk so that r·l·c float32 temporaries fit ``chunk_bytes``."""
-    per_cell = 4 * _TEMPORARIES
-    dims = max(1, min(d_head, chunk_bytes // (per_cell * length * length)))
-    rows = max(1, min(length, chunk_bytes // (per_cell * length * dims)))
-    return rows, dims
+def _chunks(n_heads: int, length: int, d_head: int, chunk_bytes: int) -> tuple[int, int, int]:
+    """Heads, query rows and dimensions per chunk so that h·r·l·c float32 temporaries fit."""
+    cells = max(1, chunk_bytes // (4 * _TEMPORARIES * length))  # h·r·c
+    dims = min(d_head, cells)
+    rows = min(-(-length // _ROW_BLOCKS), max(1, cells // dims))
+    heads = min(n_heads, max(1, cells // (dims * rows)))
+    return heads, rows, dims
 
 
 def qk_importance(
@@ -132,6 +159,7 @@ def qk_importance(
     geo: _AttnGeometry,
     rotary: tuple[Tensor, Tensor] | None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    queries: Float[Tensor, " pos"] | None = None,
 ) -> tuple[Float[Tensor, "n_heads d_head"], Float[Tensor, "n_kv d_head"]]:
     """Pattern-change importance of every q and k dimension of one layer for one prompt (Eq. 14).
 
@@ -139,10 +167,13 @@ def qk_importance(
     entries are the neurons). Removing dimension ``d`` of ``q`` changes the raw score by
     ``Δ[i, j, d] = q[i, d] · (cos[i, d] k_rot[j, d] + s_d sin[i, d'] k_rot[j, d'])`` (``d'`` the
     rotary partner of ``d``, ``s_d = ±1``): its share of ``q_rot[i]·k_rot[j]``; ``k`` symmetrically.
+    ``queries`` (1 or 0 per position) restricts the sum to some query rows; every earlier key
+    still counts. Heads, query rows and dimensions are processed in chunks of at most ``chunk_bytes``.
     """
     length, n_heads, d_head = q.shape
-    n_rep = n_heads // k.shape[1]
-    q, k = q.float(), k.float()
+    n_kv = k.shape[1]
+    kv_of = torch.arange(n_heads, device=q.device) // (n_heads // n_kv)  # KV head of each query head
+    q, k = q.float(), k[:, kv_of].float()  # k per query head: [pos, n_heads, d_head]
     arange = torch.arange(d_head, device=q.device)
     if rotary is None:  # no rotation: cos = 1, sin = 0
         cos, sin = q.new_ones(length, d_head), q.new_zeros(length, d_head)
@@ -151,29 +182,41 @@ def qk_importance(
         cos, sin = rotary
         partner = (arange + d_head // 2) % d_head
         sign = torch.where(arange < d_head // 2, 1.0, -1.0).to(q)
-    q_rot, k_rot = _rotate(q, cos, sin), _rotate(k, cos, sin)
     sin_p = sin[:, partner] * sign  # [pos, d_head]: the signed partner sine
+
+    def heads_first(x: Tensor) -> Tensor:
+        return x.transpose(0, 1).contiguous()  # [n_heads, pos, d_head]
+
+    q_rot, k_rot = heads_first(_rotate(q, cos, sin)), heads_first(_rotate(k, cos, sin))
+    # Δ's factors, times −scale so that the products are the changes of the scaled scores
+    q_cos, q_sin = (heads_first(-geo.scale * q * t[:, None]) for t in (cos, sin_p))
+    k_cos, k_sin = (heads_first(-geo.scale * k * t[:, None]) for t in (cos, sin_p))
     allowed = _causal_mask(length, geo.window, q.device)
-    rows, dims = _dim_chunks(length, d_head, chunk_bytes)
+    queries = q.new_ones(length) if queries is None else queries.float()
+    chosen = queries.nonzero()
+    first, last = (int(chosen[0]), int(chosen[-1]) + 1) if len(chosen) else (0, 0)
+    n_h, rows, dims = _chunks(n_heads, length, d_head, chunk_bytes)
     q_sq = q.new_zeros(n_heads, d_head)
-    k_sq = q.new_zeros(k.shape[1], d_head)
-    for h in range(n_heads):
-        g = h // n_rep
-        for r0 in range(0, length, rows):
-            r = slice(r0, min(r0 + rows, length))
-            raw = q_rot[r, h] @ k_rot[:, g].T  # [query i in the block, key j]
-            pattern = _scores_to_pattern(raw, geo, allowed[r])
+    k_sq = q.new_zeros(n_heads, d_head)  # per query head, summed into its KV head at the end
+    for h0 in range(0, n_heads, n_h):
+        h = slice(h0, min(h0 + n_h, n_heads))
+        for r0 in range(first, last, rows):
+            r = slice(r0, min(r0 + rows, last))
+            j = slice(0, r.stop)  # later keys are masked for every query row of the block
+            scores = (q_rot[h, r] @ k_rot[h, j].transpose(1, 2)) * geo.scale  # [head, query i, key j]
+            pattern = _pattern(scores, geo, allowed[r, j])
             for c0 in range(0, d_head, dims):
                 c = slice(c0, min(c0 + dims, d_head))
                 pc = partner[c]
-                dq = q[r, h, c][:, None] * (
-                    cos[r, None, c] * k_rot[None, :, g, c] + sin_p[r, None, c] * k_rot[None, :, g, pc]
+                dq = torch.addcmul(
+                    q_cos[h, r, None, c] * k_rot[h, None, j, c], q_sin[h, r, None, c], k_rot[h, None, j, pc]
                 )
-                q_sq[h, c] += _pattern_change_sq(raw, pattern, dq, geo, allowed[r])
-                dk = k[None, :, g, c] * (
-                    cos[None, :, c] * q_rot[r, None, h, c] + sin_p[None, :, c] * q_rot[r, None, h, pc]
+                q_sq[h, c] += _pattern_change_sq(scores, pattern, dq, geo, allowed[r, j], queries[r])
+                dk = torch.addcmul(
+                    k_cos[h, None, j, c] * q_rot[h, r, None, c], k_sin[h, None, j, c], q_rot[h, r, None, pc]
                 )
-                k_sq[g, c] += _pattern_change_sq(raw, pattern, dk, geo, allowed[r])
+                k_sq[h, c] += _pattern_change_sq(scores, pattern, dk, geo, allowed[r, j], queries[r])
+    k_sq = k_sq.new_zeros(n_kv, d_head).index_add_(0, kv_of, k_sq)
     return q_sq.sqrt(), k_sq.sqrt()
 
 
@@ -284,6 +327,29 @@ class Importance:
         fn = {"min": torch.amin, "mean": torch.mean, "max": torch.amax}[how]
         return {kind: fn(s, dim=0) for kind, s in self.scores.items()}
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the scores to a ``.safetensors`` file (prompts, config and model fingerprint in
+        its JSON header), atomically, so a long importance run need not be repeated."""
+        header = {"arch": self.arch.fingerprint(), "prompts": self.prompts, "config": self.config}
+        return save_tensors(path, {f"scores.{k}": s for k, s in self.scores.items()}, "Importance", header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expect: Architecture | Subject | None = None) -> Importance:
+        """Read a file written by :meth:`save`; with ``expect``, check it fits that model."""
+        tensors, header = load_tensors(path, "Importance")
+        try:
+            arch = Architecture.from_dict(header["arch"])
+            prompts, config = [str(p) for p in header["prompts"]], dict(header["config"])
+            scores = {_kind(key.removeprefix("scores.")): t.float() for key, t in tensors.items()}
+            for kind, t in scores.items():
+                if t.shape != (len(prompts), arch.n_layers, kind_size(arch, kind)):
+                    raise ValueError(f"scores.{kind} has shape {tuple(t.shape)}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a valid Importance file (corrupted or foreign): {e}") from e
+        if expect is not None:
+            check_arch(arch, getattr(expect, "arch", expect), f"Importance file {Path(path).name}")
+        return cls(arch, scores, prompts, config)
+
     def to_frame(self) -> pd.DataFrame:
         """One row per neuron: layer, kind, index, and min / mean / max importance over prompts."""
         stats = {how: self.reduce(how) for how in ("min", "mean", "max")}
@@ -298,6 +364,12 @@ class Importance:
         return pd.concat(frames, ignore_index=True)
 
 
+def _kind(name: str) -> Kind:
+    if name not in KINDS:
+        raise ValueError(f"unknown neuron kind {name!r}")
+    return name  # type: ignore[return-value]
+
+
 # -- the public entry points -----------------------------------------------------------------
 @torch.no_grad()
 def neuron_importance(
@@ -308,8 +380,14 @@ def neuron_importance(
     batch_size: int = 4,
     chat: bool = True,
     progress: bool = True,
+    positions: Positions = "all",
 ) -> Importance:
-    """Importance of every neuron of ``kinds`` for each prompt (Eq. 1, accelerated; see module doc)."""
+    """Importance of every neuron of ``kinds`` for each prompt (Eq. 1, accelerated; see module doc).
+
+    ``positions="user"`` measures the change on the prompt's own tokens only (for q/k: those query
+    rows), so that neurons busy with the chat template, which every prompt shares, do not look
+    important for every prompt.
+    """
     prompts = check_prompts(prompts)
     unknown = set(kinds) - set(KINDS)
     if unknown:
@@ -341,10 +419,12 @@ def neuron_importance(
         if "q" in kinds or "k" in kinds:
             q_all, k_all = stash.pop(hook_name(layer, "q")), stash.pop(hook_name(layer, "k"))
             for row, prompt_index in enumerate(rows):
-                length = int(mask[row].sum())
+                length = int(state["real"][row].sum())
                 q, k = q_all[row, -length:], k_all[row, -length:]
                 rotary = tuple(t[:length] for t in state["rotary"]) if geos[layer].rotary else None
-                q_imp, k_imp = qk_importance(q, k, geos[layer], rotary, chunk_bytes)
+                q_imp, k_imp = qk_importance(
+                    q, k, geos[layer], rotary, chunk_bytes, queries=mask[row, -length:]
+                )
                 if "q" in kinds:
                     scores["q"][prompt_index, layer] = q_imp.flatten().cpu()
                 if "k" in kinds:
@@ -359,15 +439,22 @@ def neuron_importance(
         if set(kinds) - {"ffn"}:
             hooks.append((hook_name(layer, "o"), on_z))
     desc = "neuron importance" if progress else None
-    for batch in batches(subject, prompts, batch_size, chat=chat, desc=desc):
-        state["mask"] = batch.attention_mask.float()
+    for batch in batches(subject, prompts, batch_size, chat=chat, desc=desc, positions=positions):
+        state["real"] = batch.attention_mask
+        state["mask"] = batch.positions.float()
         state["rows"] = batch.order
         if any(g.rotary for g in geos) and ("q" in kinds or "k" in kinds):
             state["rotary"] = _rotary(subject, batch.input_ids.shape[1])
         with subject.tl.hooks(fwd_hooks=hooks):
             subject.tl(batch.input_ids, attention_mask=batch.attention_mask, return_type=None)
         stash.clear()
-    config = {"kinds": list(kinds), "chunk_bytes": chunk_bytes, "batch_size": batch_size, "chat": chat}
+    config = {
+        "kinds": list(kinds),
+        "chunk_bytes": chunk_bytes,
+        "batch_size": batch_size,
+        "chat": chat,
+        "positions": positions,
+    }
     return Importance(arch, scores, prompts, config)
 
 
@@ -381,6 +468,7 @@ def ablation_importance(
     indices: Sequence[int] | None = None,
     measure: str = "output",
     chat: bool = True,
+    positions: Positions = "all",
 ) -> Float[Tensor, " n"]:
     """Deactivate each neuron in turn and measure the change (slow; the reference for tests).
 
@@ -388,11 +476,13 @@ def ablation_importance(
     ``hook_mlp_out``) over all positions (Eq. 1). ``measure="pattern"``: ``||Δ||_2`` of the
     attention pattern of the layer (all heads). For Gemma-2 those hooks come after its
     post-sub-layer norm, while the accelerated scores are taken at the projection's output, so
-    the two agree exactly only for the other families.
+    the two agree exactly only for the other families. ``positions="user"``: only on the prompt's
+    own tokens (query rows for the pattern).
     """
     if measure not in ("output", "pattern"):
         raise ValueError(f"measure must be 'output' or 'pattern', got {measure!r}")
-    (batch,) = batches(subject, [prompt], 1, chat=chat)
+    (batch,) = batches(subject, [prompt], 1, chat=chat, positions=positions)
+    keep = batch.positions[0].bool()
     if measure == "pattern":
         site = f"blocks.{layer}.attn.hook_pattern"
     else:
@@ -400,7 +490,7 @@ def ablation_importance(
     seen: dict[str, Tensor] = {}
 
     def record(act: Tensor, *, hook) -> None:
-        seen["x"] = act.float().clone()
+        seen["x"] = act[:, :, keep].float().clone() if measure == "pattern" else act[:, keep].float().clone()
 
     def run(extra: list) -> Tensor:
         subject.tl.run_with_hooks(batch.input_ids, fwd_hooks=[*extra, (site, record)], return_type=None)

@@ -15,7 +15,6 @@ attention kinds. :class:`NeuronSet` is an immutable set of such neurons for one 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -28,11 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from safety_circuits._io import atomic_file
+from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.loading import Architecture
 
 if TYPE_CHECKING:
@@ -52,7 +49,6 @@ SITES: dict[Kind, str] = {
     "o": "attn.hook_z",
     "ffn": "mlp.hook_post",
 }
-FORMAT_VERSION = 1
 
 
 class HookFn(Protocol):
@@ -302,37 +298,20 @@ class NeuronSet:
     def save(self, path: str | os.PathLike) -> Path:
         """Write boolean masks to a ``.safetensors`` file, with name, metadata and the model
         fingerprint as JSON in its header. The write is atomic (temp file, then rename)."""
-        path = Path(path)
-        header = {
-            "format": "safety_circuits.NeuronSet",
-            "version": FORMAT_VERSION,
-            "name": self.name,
-            "arch": self.arch.fingerprint(),
-            "metadata": dict(self.metadata),
-        }
+        header = {"name": self.name, "arch": self.arch.fingerprint(), "metadata": dict(self.metadata)}
         tensors = {f"mask.{k}": m.to(torch.uint8) for k, m in self.masks().items()}
-        with atomic_file(path) as tmp:
-            save_file(tensors, tmp, metadata={"safety_circuits": json.dumps(header)})
-        return path
+        return save_tensors(path, tensors, "NeuronSet", header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: Architecture | Subject | None = None) -> NeuronSet:
         """Read a file written by :meth:`save`; with ``expect``, check it fits that model."""
         path = Path(path)
+        tensors, header = load_tensors(path, "NeuronSet")
         try:
-            tensors = load_file(path)
-            with open(path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                raw = json.loads(f.read(header_len))
-            header = json.loads(raw["__metadata__"]["safety_circuits"])
             arch = Architecture.from_dict(header["arch"])
             name, metadata = str(header["name"]), dict(header["metadata"])
-        except FileNotFoundError:
-            raise
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a valid NeuronSet file (corrupted or foreign): {e}") from e
-        if header.get("format") != "safety_circuits.NeuronSet" or header.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a NeuronSet file of format version {FORMAT_VERSION}")
         masks = {}
         for key, tensor in tensors.items():
             kind = key.removeprefix("mask.")

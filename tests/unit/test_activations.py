@@ -39,3 +39,17 @@ def test_too_long_prompt(make_subject):
     subject = make_subject("llama")
     with pytest.raises(ValueError, match="max_ctx"):
         tokenize(subject, ["word " * (subject.max_ctx + 10)])
+
+
+def test_user_positions_cover_exactly_the_prompt(make_subject):
+    subject = make_subject("llama")
+    prompts = ["Tell me a joke about the sea", "Hi"]
+    (batch,) = batches(subject, prompts, batch_size=2, positions="user")
+    for row, i in enumerate(batch.order):
+        chosen = batch.input_ids[row][batch.positions[row].bool()]
+        assert subject.tokenizer.decode(chosen).strip() == prompts[i]
+        assert batch.positions[row].sum() < batch.attention_mask[row].sum()  # the template is left out
+    (plain,) = batches(subject, prompts, batch_size=2)
+    assert torch.equal(plain.positions, plain.attention_mask)
+    with pytest.raises(ValueError, match="positions"):
+        next(batches(subject, prompts, positions="assistant"))

@@ -2,8 +2,14 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from safety_circuits.importance import ablation_importance, neuron_importance
-from safety_circuits.neurons import KINDS
+from safety_circuits.importance import (
+    Importance,
+    _AttnGeometry,
+    ablation_importance,
+    neuron_importance,
+    qk_importance,
+)
+from safety_circuits.neurons import KINDS, ArchitectureMismatchError
 
 PROMPT = "Write a poem about the sea and the lazy dog please"
 EXACT_FAMILIES = ("llama", "qwen2", "mistral", "gpt2")  # Gemma-2's post-norm sits after the hooks
@@ -84,3 +90,56 @@ def test_bad_input(make_subject):
         neuron_importance(subject, [], progress=False)
     with pytest.raises(ValueError, match="unknown neuron kinds"):
         neuron_importance(subject, ["hi"], kinds=("mlp",), progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_user_positions_equal_brute_force_on_those_tokens(make_subject, family):
+    subject = make_subject(family)
+    imp = neuron_importance(subject, [PROMPT, "Hi"], positions="user", chunk_bytes=2**14, progress=False)
+    assert imp.config["positions"] == "user"
+    everywhere = neuron_importance(subject, [PROMPT], progress=False)
+    for layer in range(subject.arch.n_layers):
+        for kind in KINDS:
+            fast = imp.scores[kind][0, layer]
+            measure = "pattern" if kind in ("q", "k") else "output"
+            slow = ablation_importance(subject, PROMPT, layer, kind, measure=measure, positions="user")
+            assert relative_error(fast, slow) <= 1e-4, (kind, layer)
+            assert (fast <= everywhere.scores[kind][0, layer] * (1 + 1e-5) + 1e-7).all(), (kind, layer)
+
+
+def test_save_and_load_round_trip(make_subject, tmp_path):
+    subject = make_subject("qwen2")
+    imp = neuron_importance(subject, [PROMPT, "Hi"], kinds=("k", "ffn"), progress=False)
+    path = imp.save(tmp_path / "importance.safetensors")
+    back = Importance.load(path, expect=subject)
+    assert back.prompts == imp.prompts and back.config == imp.config and back.arch == imp.arch
+    for kind in ("k", "ffn"):
+        assert torch.equal(back.scores[kind], imp.scores[kind])
+    assert back.select(quantile=0.9) == imp.select(quantile=0.9)
+    with pytest.raises(ArchitectureMismatchError):
+        Importance.load(path, expect=make_subject("llama"))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a valid Importance file"):
+        Importance.load(path)
+
+
+@pytest.mark.parametrize("size", [1.0, 30.0], ids=["moderate", "overflowing-exp"])
+def test_qk_importance_equals_direct_pattern_change(size):
+    """The two-sum identity (and its softmax fallback when exp overflows) against a float64 loop."""
+    g = torch.Generator().manual_seed(0)
+    q, k = size * torch.randn(9, 2, 8, generator=g), size * torch.randn(9, 1, 8, generator=g)
+    geo = _AttnGeometry(scale=8**-0.5, softcap=None, window=None, rotary=False)
+    q_imp, k_imp = qk_importance(q, k, geo, rotary=None)
+    allowed = torch.ones(9, 9).tril().bool()
+
+    def pattern(qh, kh):
+        return torch.softmax((qh @ kh.T * geo.scale).masked_fill(~allowed, float("-inf")), dim=-1)
+
+    for h in range(2):
+        qh, kh = q[:, h].double(), k[:, 0].double()
+        for d in range(8):
+            without = qh.clone()
+            without[:, d] = 0
+            expected = (pattern(without, kh) - pattern(qh, kh)).norm()
+            assert torch.isclose(q_imp[h, d].double(), expected, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(k_imp).all()

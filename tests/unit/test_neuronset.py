@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import safety_circuits.neurons as neurons_module
+import safety_circuits._io as io_module
 from safety_circuits.loading import Architecture, Subject
 from safety_circuits.neurons import (
     KINDS,
@@ -635,7 +635,7 @@ def test_save_failing_midway_leaves_no_trace(target, monkeypatch, error):
         Path(filename).write_bytes(Path(filename).read_bytes()[:100])
         raise error
 
-    monkeypatch.setattr(neurons_module, "save_file", save_half_then_fail)
+    monkeypatch.setattr(io_module, "save_file", save_half_then_fail)
     with pytest.raises(type(error)):
         NeuronSet.full(LLAMA, ["ffn"]).save(target)
     assert len(temp_paths) == 1 and temp_paths[0].parent == target.parent and temp_paths[0] != target
