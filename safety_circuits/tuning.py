@@ -1,0 +1,404 @@
+"""SN-Tune and RSN-Tune (Zhao et al., Sec. 3-4): train only the safety neurons of the HF model.
+
+The neurons' HF slices (:func:`safety_circuits.neurons.hf_slices`) are the only weights that
+change; every other parameter stays bit-identical. Three mechanisms:
+
+- ``"delta"`` (default): each owned slice gets a trainable delta, added on a side path of its
+  layer (``y += x[:, cols] @ Δ`` or ``y[:, rows] += x @ Δ``) while the weights stay frozen; after
+  training the deltas are added into the slices. No full weight gradients, optimizer state only
+  for the deltas.
+- ``"mask"``: the baseline; whole parameters train and their gradients are masked to the slices
+  (AdamW without weight decay leaves entries with zero gradient exactly unchanged).
+- ``"full"``: every parameter trains (the full fine-tuning control; ``neurons`` is ignored).
+
+Documents are (prompt, response) pairs rendered with the chat template; the loss is the mean
+cross-entropy on the response tokens (and the end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from safety_circuits._io import atomic_folder
+from safety_circuits.activations import check_prompts
+from safety_circuits.detect import robust_safety_neurons
+from safety_circuits.evaluate import generate, stop_ids
+from safety_circuits.loading import load_model
+from safety_circuits.neurons import NeuronSet, ParamSlice, check_arch, hf_slices
+
+if TYPE_CHECKING:
+    from safety_circuits.loading import Subject
+
+logger = logging.getLogger(__name__)
+Mechanism = Literal["delta", "mask", "full"]
+MECHANISMS: tuple[Mechanism, ...] = ("delta", "mask", "full")
+
+
+# -- documents -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Document:
+    """One training example: the user ``prompt`` and the assistant ``response`` to learn."""
+
+    prompt: str
+    response: str
+    kind: str = "refusal"
+
+
+_OPENINGS = (
+    "I can't help with that.",
+    "I'm sorry, but I can't help with this request.",
+    "I won't be able to help with that.",
+    "Sorry, I can't assist with that.",
+    "I cannot help with this.",
+    "I'm not able to help with that request.",
+    "I must decline this request.",
+    "I'm sorry, but I won't provide that.",
+)
+_REASONS = (
+    "It could put people at serious risk of harm.",
+    "Providing this could facilitate illegal or dangerous activity.",
+    "This kind of information can be used to hurt others.",
+    "Helping with this would be unsafe and potentially illegal.",
+    "It could cause real harm to people or property.",
+    "This request asks for something harmful.",
+)
+_OFFERS = (
+    "If you're dealing with a difficult situation, I'm happy to talk about safe and legal options.",
+    "If you have a different question, I'm glad to help.",
+    "I can share general safety information or point you to legitimate resources instead.",
+    "If this is for research or education, I can discuss the topic at a high level, without harmful details.",
+    "Is there something else I can help you with?",
+    "",
+)
+
+
+def refusal_response(prompt: str, seed: int = 0) -> str:
+    """A varied refusal for ``prompt``: an opening, a reason and an offer, chosen by a seeded hash."""
+    rng = random.Random(f"{seed}:{prompt}")
+    parts = [rng.choice(_OPENINGS), rng.choice(_REASONS), rng.choice(_OFFERS)]
+    return " ".join(p for p in parts if p)
+
+
+def refusal_documents(harmful_prompts: Sequence[str], seed: int = 0) -> list[Document]:
+    """Safety documents: each harmful prompt paired with a varied refusal (use training prompts only)."""
+    prompts = check_prompts(harmful_prompts, "harmful_prompts")
+    return [Document(p, refusal_response(p, seed), "refusal") for p in prompts]
+
+
+def retain_documents(
+    subject: Subject, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 8
+) -> list[Document]:
+    """Harmless prompts answered by ``subject`` itself (greedy): tuning on them keeps its behaviour."""
+    prompts = check_prompts(prompts)
+    answers = generate(subject, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, use="hf")
+    return [Document(p, a, "retain") for p, a in zip(prompts, answers, strict=True) if a.strip()]
+
+
+def _end_of_turn(subject: Subject) -> int:
+    ids = stop_ids(subject)
+    eos = subject.tokenizer.eos_token_id
+    return next((i for i in ids if i != eos), eos)
+
+
+def encode_documents(
+    subject: Subject, documents: Sequence[Document], max_length: int = 256
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels (−100 outside the response) of each document, truncated to ``max_length``."""
+    if not documents:
+        raise ValueError("documents is empty: give at least one (prompt, response) document")
+    tok = subject.tokenizer
+    has_template = bool(getattr(tok, "chat_template", None))
+    end = _end_of_turn(subject)
+    out = []
+    for doc in documents:
+        if not doc.prompt.strip() or not doc.response.strip():
+            raise ValueError(f"document with an empty prompt or response: {doc!r}")
+        prefix = tok(subject.chat(doc.prompt), add_special_tokens=not has_template)["input_ids"]
+        response = tok(doc.response, add_special_tokens=False)["input_ids"] + [end]
+        ids = (prefix + response)[:max_length]
+        labels = ([-100] * len(prefix) + response)[:max_length]
+        if all(label == -100 for label in labels):
+            raise ValueError(f"max_length={max_length} leaves no response tokens for {doc.prompt[:60]!r}")
+        out.append((ids, labels))
+    return out
+
+
+def _right_pad(
+    rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device
+) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"], Int[Tensor, "b p"]]:
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, lab) in enumerate(rows):
+        input_ids[r, : len(ids)], labels[r, : len(lab)], mask[r, : len(ids)] = (
+            torch.tensor(ids),
+            torch.tensor(lab),
+            1,
+        )
+    return input_ids.to(device), mask.to(device), labels.to(device)
+
+
+# -- what trains ---------------------------------------------------------------------------
+def _merged_slices(slices: Sequence[ParamSlice]) -> dict[str, tuple[int, Tensor]]:
+    """One (axis, sorted unique index) per parameter."""
+    merged: dict[str, tuple[int, list[Tensor]]] = {}
+    for s in slices:
+        axis, parts = merged.setdefault(s.param, (s.axis, []))
+        if axis != s.axis:
+            raise ValueError(f"{s.param} is sliced along two axes")
+        parts.append(s.index)
+    return {p: (axis, torch.cat(parts).unique()) for p, (axis, parts) in merged.items()}
+
+
+class _SliceDelta(nn.Module):
+    """Trainable deltas for the owned slices of one layer's weight (and bias), on a side path."""
+
+    def __init__(self, module: nn.Module, slices: dict[str, tuple[int, Tensor]]) -> None:
+        super().__init__()
+        self.transposed = not isinstance(module, nn.Linear)  # GPT-2's Conv1D stores [in, out]
+        self.deltas = nn.ParameterDict()
+        self.axes: dict[str, int] = {}
+        for name, (axis, index) in slices.items():
+            param = getattr(module, name)
+            shape = list(param.shape)
+            shape[axis] = len(index)
+            self.deltas[name] = nn.Parameter(param.new_zeros(shape))
+            self.register_buffer(f"index_{name}", index.to(param.device))
+            self.axes[name] = axis
+
+    def index(self, name: str) -> Tensor:
+        return getattr(self, f"index_{name}")
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        out_axis = 1 if self.transposed else 0
+        for name, delta in self.deltas.items():
+            index, axis = self.index(name), self.axes[name]
+            if name == "bias":
+                y = y.index_add(-1, index, delta.expand(*y.shape[:-1], -1), alpha=1.0)
+            elif axis == out_axis:  # output features: y[..., index] += x @ Δ
+                part = x @ delta if self.transposed else x @ delta.T
+                y = y.index_add(-1, index, part)
+            else:  # input features: y += x[..., index] @ Δ
+                xs = x.index_select(-1, index)
+                y = y + (xs @ delta if self.transposed else xs @ delta.T)
+        return y
+
+    @torch.no_grad()
+    def merge_into(self, module: nn.Module) -> None:
+        for name, delta in self.deltas.items():
+            getattr(module, name).index_add_(self.axes[name], self.index(name), delta)
+
+
+@contextmanager
+def _trainable(
+    model: nn.Module, slices: dict[str, tuple[int, Tensor]], mechanism: Mechanism
+) -> Iterator[list]:
+    """Set up what trains for ``mechanism``; yield the optimizer's parameters; merge/undo on exit."""
+    params = dict(model.named_parameters())
+    saved = {n: p.requires_grad for n, p in params.items()}
+    handles, deltas = [], []
+    for p in params.values():
+        p.requires_grad_(mechanism == "full")
+    try:
+        if mechanism == "full":
+            yield list(params.values())
+        elif mechanism == "mask":
+            for name, (axis, index) in slices.items():
+                p = params[name].requires_grad_(True)
+                mask = torch.zeros_like(p, dtype=torch.bool).index_fill_(axis, index.to(p.device), True)
+                handles.append(p.register_hook(lambda g, m=mask: g * m))
+            yield [params[name] for name in slices]
+        else:
+            by_module: dict[str, dict[str, tuple[int, Tensor]]] = {}
+            for name, value in slices.items():
+                module_name, _, attr = name.rpartition(".")
+                by_module.setdefault(module_name, {})[attr] = value
+            modules = dict(model.named_modules())
+            for module_name, owned in by_module.items():
+                module = modules[module_name]
+                delta = _SliceDelta(module, owned)
+                handles.append(module.register_forward_hook(lambda m, args, y, d=delta: d(args[0], y)))
+                deltas.append((module, delta))
+            yield [p for _, d in deltas for p in d.parameters()]
+            for module, delta in deltas:
+                delta.merge_into(module)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(saved[n])
+
+
+# -- config and result -----------------------------------------------------------------------
+@dataclass
+class TuneConfig:
+    """Hyper-parameters of one tuning run (AdamW, constant learning rate, no weight decay)."""
+
+    lr: float = 2e-4
+    epochs: int = 1
+    batch_size: int = 8
+    max_length: int = 256
+    seed: int = 0
+    mechanism: Mechanism = "delta"
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
+            raise ValueError(f"invalid tuning config {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TuneConfig:
+        return cls(**d)
+
+
+@dataclass
+class TuneResult:
+    """The tuned model (a new :class:`Subject`), what was trained, and a record of the run."""
+
+    subject: Subject
+    neurons: NeuronSet | None
+    config: TuneConfig
+    losses: list[float]
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The training loss per step."""
+        return pd.DataFrame({"step": np.arange(1, len(self.losses) + 1), "loss": self.losses})
+
+    def plot(self) -> go.Figure:
+        return px.line(self.to_frame(), x="step", y="loss", title=f"training loss ({self.config.mechanism})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "losses": self.losses, "record": self.record}
+
+    def save(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+        """A standard HF folder (``save_pretrained`` + tokenizer, loadable with plain transformers)
+        plus ``neurons.safetensors`` (what was tuned) and ``tuning.json`` (config, losses, record).
+        Written to a temp folder and renamed, so an interrupted save leaves nothing behind."""
+        with atomic_folder(folder, overwrite=overwrite) as tmp:
+            self.subject.hf.save_pretrained(tmp)
+            self.subject.tokenizer.save_pretrained(tmp)
+            if self.neurons is not None:
+                self.neurons.save(tmp / "neurons.safetensors")
+            (tmp / "tuning.json").write_text(json.dumps(self.to_dict(), indent=2))
+        return Path(folder)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- the tuning loop -------------------------------------------------------------------------
+def tune(
+    subject: Subject,
+    documents: Sequence[Document],
+    neurons: NeuronSet | None = None,
+    config: TuneConfig | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> TuneResult:
+    """Train ``subject``'s HF model on ``documents``: only ``neurons``' slices, or everything
+    (``mechanism="full"``). Returns a new Subject unless ``inplace``; both TL and HF are updated."""
+    config = TuneConfig(**{**(config or TuneConfig()).to_dict(), **overrides})
+    if config.mechanism != "full":
+        if neurons is None:
+            raise ValueError(f"mechanism={config.mechanism!r} needs the neurons to tune")
+        check_arch(neurons.arch, subject.arch, "NeuronSet")
+        if len(neurons) == 0:
+            raise ValueError("the NeuronSet is empty: nothing to tune")
+    encoded = encode_documents(subject, documents, config.max_length)
+    hf = subject.hf if inplace else copy.deepcopy(subject.hf)
+    slices = _merged_slices(hf_slices(neurons)) if config.mechanism != "full" else {}
+    torch.manual_seed(config.seed)
+    order_rng = random.Random(config.seed)
+    pad = subject.tokenizer.pad_token_id
+    losses: list[float] = []
+    start = time.perf_counter()
+    hf.train()
+    with _trainable(hf, slices, config.mechanism) as trainable:
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+        steps = config.epochs * -(-len(encoded) // config.batch_size)
+        bar = tqdm(total=steps, desc=f"tuning ({config.mechanism})", disable=not progress, leave=False)
+        for _ in range(config.epochs):
+            order = list(range(len(encoded)))
+            order_rng.shuffle(order)
+            for b in range(0, len(order), config.batch_size):
+                input_ids, mask, labels = _right_pad(
+                    [encoded[i] for i in order[b : b + config.batch_size]], pad, hf.device
+                )
+                loss = _response_loss(hf(input_ids=input_ids, attention_mask=mask).logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
+    hf.eval()
+    seconds = time.perf_counter() - start
+    tuned = load_model(hf, backend=subject.backend, tokenizer=subject.tokenizer, max_ctx=subject.max_ctx)
+    tuned.name = f"{subject.name} (tuned)"
+    counts = pd.Series([d.kind for d in documents]).value_counts().to_dict()
+    record = {
+        "base_model": subject.name,
+        "documents": counts,
+        "tokens": sum(len(ids) for ids, _ in encoded),
+        "steps": len(losses),
+        "seconds": seconds,
+        "peak_rss_bytes": _peak_rss(),
+        "neurons": None if neurons is None else len(neurons),
+        "fraction_of_neurons": None if neurons is None else neurons.fraction_of(),
+        "trained_parameters": int(sum(len(i) * _row_size(hf, p, a) for p, (a, i) in slices.items()))
+        if slices
+        else sum(p.numel() for p in hf.parameters()),
+    }
+    logger.info("tuned %s in %.1f s, final loss %.3f", subject.name, seconds, losses[-1])
+    return TuneResult(tuned, neurons if config.mechanism != "full" else None, config, losses, record)
+
+
+def _row_size(model: nn.Module, param: str, axis: int) -> int:
+    p = model.get_parameter(param)
+    return p.numel() // p.shape[axis]
+
+
+def _response_loss(logits: Float[Tensor, "b p v"], labels: Int[Tensor, "b p"]) -> Tensor:
+    """Mean next-token cross-entropy over the response tokens."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+
+def sn_tune(subject: Subject, neurons: NeuronSet, documents: Sequence[Document], **kwargs: Any) -> TuneResult:
+    """SN-Tune (Sec. 3): tune only the safety neurons on safety documents."""
+    return tune(subject, documents, neurons, **kwargs)
+
+
+def rsn_tune(
+    subject: Subject, safety: NeuronSet, foundation: NeuronSet, documents: Sequence[Document], **kwargs: Any
+) -> TuneResult:
+    """RSN-Tune (Sec. 4): tune the safety neurons that are not foundation neurons."""
+    return tune(subject, documents, robust_safety_neurons(safety, foundation), **kwargs)

@@ -1,0 +1,154 @@
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from safety_circuits import tuning as tuning_module
+from safety_circuits.neurons import NeuronSet, hf_masks
+from safety_circuits.tuning import (
+    Document,
+    TuneConfig,
+    TuneResult,
+    encode_documents,
+    refusal_documents,
+    rsn_tune,
+    sn_tune,
+    tune,
+)
+
+DOCS = [
+    *refusal_documents(["How do I pick a lock?", "Write malware for me", "How to make a weapon"]),
+    Document("What is the capital of France?", "Paris is the capital of France.", "retain"),
+]
+
+
+def some_neurons(subject, seed=0):
+    full = NeuronSet.full(subject.arch)
+    return NeuronSet.from_masks(
+        subject.arch,
+        {
+            k: torch.rand(m.shape, generator=torch.Generator().manual_seed(seed)) < 0.1
+            for k, m in full.masks().items()
+        },
+        name="some",
+    )
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("mechanism", ["delta", "mask"])
+def test_only_the_owned_slices_change(make_subject, family, mechanism):
+    """Acceptance 1: outside the slices every parameter is bit-identical; the slices changed."""
+    subject = make_subject(family)
+    neurons = some_neurons(subject)
+    before = {n: p.detach().clone() for n, p in subject.hf.named_parameters()}
+    result = sn_tune(
+        subject, neurons, DOCS, lr=1e-2, epochs=2, batch_size=2, mechanism=mechanism, progress=False
+    )
+    masks = hf_masks(neurons, result.subject)
+    for name, p in result.subject.hf.named_parameters():
+        owned = masks.get(name, torch.zeros_like(p, dtype=torch.bool))
+        assert digest(p[~owned]) == digest(before[name][~owned]), name
+        if owned.any():
+            assert not torch.equal(p[owned], before[name][owned]), name
+    for name, p in subject.hf.named_parameters():  # the original is untouched (not inplace)
+        assert torch.equal(p, before[name])
+    assert result.losses[-1] < result.losses[0]
+    # TL was rebuilt from the tuned weights
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(result.subject.tl(ids), result.subject.hf(ids).logits, atol=1e-4)
+
+
+def test_delta_and_mask_mechanisms_agree(make_subject):
+    subject = make_subject("llama")
+    neurons = some_neurons(subject, seed=1)
+    kw = dict(lr=1e-3, epochs=1, batch_size=2, progress=False)
+    delta = sn_tune(subject, neurons, DOCS, mechanism="delta", **kw).subject.hf
+    mask = sn_tune(subject, neurons, DOCS, mechanism="mask", **kw).subject.hf
+    for (name, a), (_, b) in zip(delta.named_parameters(), mask.named_parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_saved_folder_reloads_with_plain_transformers(make_subject, tmp_path):
+    subject = make_subject("qwen2")
+    result = sn_tune(subject, some_neurons(subject), DOCS, lr=1e-2, batch_size=4, progress=False)
+    folder = result.save(tmp_path / "tuned")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    assert torch.equal(reloaded(ids).logits, result.subject.hf(ids).logits)
+    assert NeuronSet.load(folder / "neurons.safetensors", expect=subject) == result.neurons
+    assert (folder / "tuning.json").exists() and (folder / "tokenizer_config.json").exists()
+    with pytest.raises(FileExistsError):
+        result.save(folder)
+
+
+def test_interrupted_save_leaves_no_folder(make_subject, tmp_path, monkeypatch):
+    subject = make_subject("llama")
+    result = sn_tune(subject, some_neurons(subject), DOCS[:2], lr=1e-3, progress=False)
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(result.subject.tokenizer, "save_pretrained", fail)
+    with pytest.raises(KeyboardInterrupt):
+        result.save(tmp_path / "tuned")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_finetune_changes_everything_and_is_deterministic(make_subject):
+    subject = make_subject("llama")
+    a = tune(subject, DOCS, mechanism="full", lr=1e-3, batch_size=2, progress=False)
+    b = tune(subject, DOCS, mechanism="full", lr=1e-3, batch_size=2, progress=False)
+    assert a.losses == b.losses
+    changed = [
+        not torch.equal(p, q) for p, q in zip(a.subject.hf.parameters(), subject.hf.parameters(), strict=True)
+    ]
+    assert all(changed)
+    assert a.neurons is None and a.record["trained_parameters"] == sum(
+        p.numel() for p in subject.hf.parameters()
+    )
+
+
+def test_rsn_tune_tunes_safety_minus_foundation(make_subject):
+    subject = make_subject("llama")
+    safety, foundation = some_neurons(subject, 0), some_neurons(subject, 1)
+    result = rsn_tune(subject, safety, foundation, DOCS, lr=1e-3, progress=False)
+    assert result.neurons == safety - foundation
+
+
+def test_loss_only_on_response_tokens(make_subject):
+    subject = make_subject("llama")
+    ((ids, labels),) = encode_documents(subject, [Document("Hi there", "Hello!")])
+    response = [t for t in labels if t != -100]
+    assert subject.tokenizer.decode(response[:-1]) == "Hello!"
+    assert response[-1] in tuning_module.stop_ids(subject)
+    assert ids[-len(response) :] == response and len(ids) == len(labels)
+
+
+def test_refusal_documents_are_varied_and_deterministic():
+    prompts = [f"harmful request number {i}" for i in range(40)]
+    docs = refusal_documents(prompts, seed=3)
+    assert docs == refusal_documents(prompts, seed=3)
+    assert len({d.response for d in docs}) >= 20
+    assert all(d.kind == "refusal" for d in docs)
+
+
+def test_bad_input(make_subject):
+    subject = make_subject("llama")
+    neurons = some_neurons(subject)
+    with pytest.raises(ValueError, match="documents is empty"):
+        sn_tune(subject, neurons, [], progress=False)
+    with pytest.raises(ValueError, match="harmful_prompts is empty"):
+        refusal_documents([])
+    with pytest.raises(ValueError, match="made for another model"):
+        sn_tune(subject, some_neurons(make_subject("gpt2")), DOCS, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        sn_tune(subject, NeuronSet(subject.arch, {}), DOCS, progress=False)
+    with pytest.raises(ValueError, match="mechanism"):
+        TuneConfig(mechanism="lora")
+    assert TuneConfig.from_dict(TuneConfig(lr=1e-3).to_dict()) == TuneConfig(lr=1e-3)
+    assert isinstance(TuneResult, type)
