@@ -2,11 +2,14 @@
 
 Importance on the HarmBench *val* split (detection), safety neurons by the default per-prompt
 quantile rule, foundation neurons on the harmless *train* split as plain text, robust safety
-neurons, their layer distribution and attention-vs-FFN share, the corpus-size table, and a
-deactivation experiment (Deact-SN vs Deact-R) on held-out prompts.
+neurons, their layer distribution and attention-vs-FFN share, the corpus-size table, a
+deactivation experiment (Deact-SN vs Deact-R) on held-out prompts, ASR against the number of
+neurons deactivated and against the layers they sit in. ``--positions user`` measures importance
+on the prompt's own tokens only.
 
 Run: ``.venv/bin/python examples/find_safety_neurons.py`` (about 5 minutes on 2 CPU cores);
-``--quick`` for a smaller run. Writes ``runs/find_safety_neurons/`` (report.html, neuron masks).
+``--quick`` for a smaller run. Writes ``runs/find_safety_neurons/`` (report.html, importance
+scores, neuron masks).
 """
 
 from __future__ import annotations
@@ -27,17 +30,21 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--out", default="runs/find_safety_neurons")
     parser.add_argument("--quick", action="store_true", help="fewer evaluation prompts")
+    parser.add_argument(
+        "--positions", choices=("all", "user"), default="all", help="tokens importance is measured on"
+    )
     args = parser.parse_args()
     n_eval, n_capability = (8, 30) if args.quick else (24, 90)
 
     subject = sc.load_model(args.model)
     detection = sc.harmbench("val")
     start = time.perf_counter()
-    importance = sc.neuron_importance(subject, detection, batch_size=8)
+    importance = sc.neuron_importance(subject, detection, batch_size=8, positions=args.positions)
     seconds = time.perf_counter() - start
     safety = detect.select_neurons(importance).with_metadata(name="safety")
     foundation = sc.find_foundation_neurons(subject, sc.harmless("train"), batch_size=8)
     robust = sc.robust_safety_neurons(safety, foundation)
+    importance.save(f"{args.out}/importance.safetensors")
     safety.save(f"{args.out}/safety.safetensors")
     robust.save(f"{args.out}/robust_safety.safetensors")
 
@@ -54,6 +61,8 @@ def main() -> None:
     table = ablation.deactivation_experiment(
         subject, safety, harmful_eval, harmless_eval, capability=capability, random_seeds=1, max_new_tokens=32
     )
+    fractions = ablation.asr_vs_fraction(subject, importance, harmful_eval[:8], max_new_tokens=24)
+    sweep = ablation.layer_sweep(subject, safety, harmful_eval[:8], max_new_tokens=24)
     sets = {"safety": safety, "foundation": foundation, "robust": robust}
     path = write_report(
         f"{args.out}/report.html",
@@ -82,11 +91,25 @@ def main() -> None:
                     table,
                 ],
             ),
+            (
+                "ASR vs neurons deactivated (paper Fig. 2)",
+                [
+                    "Looser quantile rules select more neurons; 8 held-out HarmBench prompts.",
+                    plots.asr_curve(fractions),
+                    fractions,
+                ],
+            ),
+            (
+                "First vs last layers (paper Fig. 4)",
+                [plots.layer_curve(sweep), sweep],
+            ),
         ],
     )
     print(summary.to_string())
     print(stability.to_string(index=False))
     print(table.to_string(index=False))
+    print(fractions.to_string(index=False))
+    print(sweep.to_string(index=False))
     print(f"report: {path}")
 
 

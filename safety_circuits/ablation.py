@@ -1,6 +1,8 @@
 """Deactivation experiments (SN-Tune, Table 1, Fig. 2 and Fig. 4): safety neurons vs random ones.
 
-Every experiment deactivates neurons with TransformerLens hooks (:func:`~safety_circuits.neurons.ablate`)
+Every experiment deactivates neurons, with TransformerLens hooks (``use="tl"``,
+:func:`~safety_circuits.neurons.ablate`) or by zeroing their HF weight slices and decoding with HF
+(``use="hf"``, :func:`~safety_circuits.neurons.ablate_hf`; faster, and the two agree to 1e-6),
 and reports ASR on harmful prompts, over-refusal on harmless ones, and capability: exact-match
 accuracy on the project's short-answer questions and the mean KL divergence of next-token
 distributions on harmless prompts against the unmodified model.
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +21,9 @@ import torch
 
 from safety_circuits.activations import batches
 from safety_circuits.data import capability_questions
-from safety_circuits.evaluate import attack_success_rate, generate, over_refusal_rate
+from safety_circuits.evaluate import Use, attack_success_rate, generate, over_refusal_rate
 from safety_circuits.importance import Importance
-from safety_circuits.neurons import NeuronSet, ablate
+from safety_circuits.neurons import NeuronSet, ablate, ablate_hf, check_arch
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -67,11 +69,20 @@ def capability_accuracy(
 
 
 @torch.no_grad()
-def next_token_logprobs(subject: Subject, prompts: Sequence[str], batch_size: int = 8) -> list[torch.Tensor]:
+def next_token_logprobs(
+    subject: Subject, prompts: Sequence[str], batch_size: int = 8, use: Use = "tl"
+) -> list[torch.Tensor]:
     """Log-probabilities of the next token at every real position of each chat-rendered prompt."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
     for batch in batches(subject, prompts, batch_size):
-        logp = subject.tl(batch.input_ids, attention_mask=batch.attention_mask).float().log_softmax(-1)
+        if use == "hf":
+            positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = subject.hf(
+                batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions
+            ).logits
+        else:
+            logits = subject.tl(batch.input_ids, attention_mask=batch.attention_mask)
+        logp = logits.float().log_softmax(-1)
         for row, i in enumerate(batch.order):
             out[i] = logp[row, batch.attention_mask[row].bool()].cpu()
     return out
@@ -83,24 +94,35 @@ def mean_kl(reference: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) ->
     return float((ref.exp() * (ref - oth)).sum(-1).mean())
 
 
-def _measure(
+def measure(
     subject: Subject,
     harmful: Sequence[str],
     harmless: Sequence[str],
-    capability: pd.DataFrame | None,
-    reference: list[torch.Tensor],
-    max_new_tokens: int,
+    capability: pd.DataFrame | None = None,
+    reference: list[torch.Tensor] | None = None,
+    max_new_tokens: int = 48,
+    use: Use = "tl",
+    batch_size: int = 8,
 ) -> dict[str, float]:
+    """ASR, over-refusal, exact-match capability (if ``capability``) and KL against ``reference``
+    (next-token log-probs of the unmodified model on ``harmless``, if given)."""
+    gen = {"max_new_tokens": max_new_tokens, "use": use, "batch_size": batch_size, "progress": False}
     row = {
-        "asr": attack_success_rate(subject, harmful, max_new_tokens=max_new_tokens, progress=False).rate,
-        "over_refusal": over_refusal_rate(
-            subject, harmless, max_new_tokens=max_new_tokens, progress=False
-        ).rate,
-        "kl": mean_kl(reference, next_token_logprobs(subject, harmless)),
+        "asr": attack_success_rate(subject, harmful, **gen).rate,
+        "over_refusal": over_refusal_rate(subject, harmless, **gen).rate,
     }
+    if reference is not None:
+        row["kl"] = mean_kl(reference, next_token_logprobs(subject, harmless, batch_size, use=use))
     if capability is not None:
-        row["capability"] = capability_accuracy(subject, capability, progress=False).accuracy
+        row["capability"] = capability_accuracy(subject, capability, **{**gen, "max_new_tokens": 16}).accuracy
     return row
+
+
+def deactivated(subject: Subject, neurons: NeuronSet | None, use: Use = "tl") -> AbstractContextManager:
+    """``neurons`` switched off for the decoding ``use`` will run (TL hooks or zeroed HF slices)."""
+    if neurons is None:
+        return nullcontext(subject)
+    return ablate_hf(subject, neurons) if use == "hf" else ablate(subject, neurons)
 
 
 def deactivation_experiment(
@@ -111,22 +133,36 @@ def deactivation_experiment(
     capability: pd.DataFrame | None = None,
     random_seeds: int = 3,
     max_new_tokens: int = 48,
+    use: Use = "tl",
+    batch_size: int = 8,
 ) -> pd.DataFrame:
     """Table 1: Origin, Deact-R (random neurons, same count per layer and kind; one row per seed)
     and Deact-SN, with ASR, over-refusal, capability (exact match) and KL vs the original.
 
     ``capability``: questions as from :func:`capability_questions` (``None``: skip exact match).
     """
-    reference = next_token_logprobs(subject, harmless_eval)
+    check_arch(neurons.arch, subject.arch)
+    reference = next_token_logprobs(subject, harmless_eval, batch_size, use=use)
     settings: list[tuple[str, int | None, NeuronSet | None]] = [("Origin", None, None)]
     settings += [("Deact-R", seed, neurons.random_like(seed=seed)) for seed in range(random_seeds)]
     settings.append(("Deact-SN", None, neurons))
     rows = []
     for setting, seed, chosen in settings:
-        with ablate(subject, chosen) if chosen is not None else nullcontext():
-            measured = _measure(subject, harmful_eval, harmless_eval, capability, reference, max_new_tokens)
+        with deactivated(subject, chosen, use):
+            measured = measure(
+                subject, harmful_eval, harmless_eval, capability, reference, max_new_tokens, use, batch_size
+            )
         rows.append({"setting": setting, "seed": seed, "neurons": len(chosen or []), **measured})
     return pd.DataFrame(rows)
+
+
+def _asr(
+    subject: Subject, neurons: NeuronSet, prompts: Sequence[str], max_new_tokens: int, use: Use
+) -> float:
+    with deactivated(subject, neurons, use):
+        return attack_success_rate(
+            subject, prompts, max_new_tokens=max_new_tokens, use=use, progress=False
+        ).rate
 
 
 def asr_vs_fraction(
@@ -135,15 +171,13 @@ def asr_vs_fraction(
     harmful_eval: Sequence[str],
     quantiles: Sequence[float] = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9),
     max_new_tokens: int = 48,
+    use: Use = "tl",
 ) -> pd.DataFrame:
     """Fig. 2: ASR as more safety neurons are deactivated (looser quantile rule -> more neurons)."""
     rows = []
     for q in quantiles:
         neurons = importance.select(quantile=q)
-        with ablate(subject, neurons):
-            asr = attack_success_rate(
-                subject, harmful_eval, max_new_tokens=max_new_tokens, progress=False
-            ).rate
+        asr = _asr(subject, neurons, harmful_eval, max_new_tokens, use)
         rows.append({"quantile": q, "neurons": len(neurons), "fraction": neurons.fraction_of(), "asr": asr})
     return pd.DataFrame(rows)
 
@@ -154,6 +188,7 @@ def layer_sweep(
     harmful_eval: Sequence[str],
     ks: Sequence[int] | None = None,
     max_new_tokens: int = 48,
+    use: Use = "tl",
 ) -> pd.DataFrame:
     """Fig. 4: ASR when only the safety neurons of the first k layers (``side="first"``) or of the
     last k layers (``side="last"``) are deactivated."""
@@ -164,9 +199,6 @@ def layer_sweep(
         for k in ks:
             keep = range(k) if side == "first" else range(n_layers - k, n_layers)
             chosen = NeuronSet(neurons.arch, {s: i for s, i in neurons.indices.items() if s[0] in keep})
-            with ablate(subject, chosen):
-                asr = attack_success_rate(
-                    subject, harmful_eval, max_new_tokens=max_new_tokens, progress=False
-                ).rate
+            asr = _asr(subject, chosen, harmful_eval, max_new_tokens, use)
             rows.append({"side": side, "layers": k, "neurons": len(chosen), "asr": asr})
     return pd.DataFrame(rows)

@@ -85,3 +85,14 @@ def test_capability_set():
     assert len(frame) >= 150 and frame["question"].is_unique and frame["id"].is_unique
     assert all(len(a) >= 1 and all(isinstance(x, str) and x for x in a) for a in frame["answers"])
     assert all(is_correct(a[0], a) for a in frame["answers"])
+
+
+def test_hf_weight_zeroing_gives_the_same_table_as_tl_hooks(setup):
+    subject, _, neurons = setup
+    kw = dict(capability=QUESTIONS, random_seeds=1, max_new_tokens=4)
+    before = [p.clone() for p in subject.hf.parameters()]
+    tl = deactivation_experiment(subject, neurons, HARMFUL, HARMLESS, **kw)
+    hf = deactivation_experiment(subject, neurons, HARMFUL, HARMLESS, use="hf", **kw)
+    pd.testing.assert_frame_equal(tl.drop(columns="kl"), hf.drop(columns="kl"))
+    assert tl["kl"].to_numpy() == pytest.approx(hf["kl"].to_numpy(), abs=1e-4)
+    assert all((a == b).all() for a, b in zip(before, subject.hf.parameters(), strict=True)), "restored"
