@@ -1,76 +1,90 @@
-"""The ``safety-circuits`` command line."""
+"""The ``safety-circuits`` command line: the stages of :mod:`safety_circuits.pipeline`.
+
+``safety-circuits run`` does everything in order (``make demo``); ``detect``, ``tune``,
+``evaluate``, ``ablate`` and ``report`` run one stage on a run folder (``--run runs/<name>``).
+Options given to ``detect`` or ``run`` are saved in the folder's ``config.json``; later stages
+read them from there.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
 
-from safety_circuits import data
-from safety_circuits._io import atomic_folder
-from safety_circuits.evaluate import attack_success_rate, over_refusal_rate
-from safety_circuits.loading import SMOLLM2, load_model
+import pandas as pd
+
+from safety_circuits import pipeline
+from safety_circuits.pipeline import Run, RunConfig
+
+STAGES: dict[str, tuple[Callable[[Run], Any], str]] = {
+    "detect": (pipeline.detect, "find safety, foundation and robust safety neurons"),
+    "tune": (pipeline.tune_models, "SN-Tune the safety neurons (and the controls)"),
+    "evaluate": (pipeline.evaluate_models, "ASR, over-refusal, capability and KL of every model"),
+    "ablate": (pipeline.deactivate, "Deact-SN vs Deact-R on the SN-Tuned model"),
+    "report": (pipeline.report, "write report.html from the run folder"),
+    "run": (pipeline.run_all, "all of the above, in order"),
+}
+_NEW_RUN = ("detect", "run")  # the stages that start a run folder and take the config options
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """ASR on held-out HarmBench test behaviours and over-refusal on the harmless eval split."""
-    start = time.perf_counter()
-    subject = load_model(args.model, backend=args.backend)
-    harmful = data.sample(data.harmbench("test"), args.harmful, seed=args.seed)
-    harmless = data.sample(data.harmless("eval"), args.harmless, seed=args.seed)
-    gen = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
-    asr = attack_success_rate(subject, harmful, **gen)
-    over = over_refusal_rate(subject, harmless, **gen)
-    seconds = time.perf_counter() - start
-    summary = {
-        "model": args.model,
-        "backend": args.backend,
-        "harmful_prompts": len(harmful),
-        "harmless_prompts": len(harmless),
-        "asr": asr.rate,
-        "over_refusal": over.rate,
-        "seconds": round(seconds, 1),
-        **gen,
-        "seed": args.seed,
-    }
-    frames = {"harmbench_test.csv": asr.to_frame(), "harmless_eval.csv": over.to_frame()}
-    files = {name: frame.to_csv(index=False) for name, frame in frames.items()}
-    with atomic_folder(args.out, overwrite=True) as tmp:
-        for name, text in {"summary.json": json.dumps(summary, indent=2), **files}.items():
-            (tmp / name).write_text(text)
-    print(f"model {args.model} ({args.backend} backend), greedy, {args.max_new_tokens} new tokens")
-    print(f"ASR on {len(harmful)} HarmBench test behaviours:   {asr.rate:.2f}")
-    print(f"over-refusal on {len(harmless)} harmless prompts: {over.rate:.2f}")
-    print(f"{seconds:.0f} s; responses in {args.out}/")
-    return 0
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    defaults = RunConfig()
+    for f in fields(RunConfig):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safety-circuits", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
-    ev.add_argument("--model", default=SMOLLM2, help="hub id, local HF folder or built-in name")
-    ev.add_argument("--backend", choices=("hooked", "bridge"), default="hooked")
-    ev.add_argument("--harmful", type=int, default=50, help="HarmBench test behaviours to sample")
-    ev.add_argument("--harmless", type=int, default=50, help="harmless eval prompts to sample")
-    ev.add_argument("--max-new-tokens", type=int, default=48)
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--out", default="runs/evaluate", help="run folder (replaced atomically)")
-    ev.set_defaults(func=cmd_evaluate)
+    for name, (_, help_text) in STAGES.items():
+        stage = sub.add_parser(name, help=help_text, description=help_text)
+        stage.add_argument("--run", default="runs/demo", help="run folder (default: runs/demo)")
+        if name in _NEW_RUN:
+            _add_config_options(stage)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return args.func(args)
+    try:
+        if args.command in _NEW_RUN:
+            config = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+            run = Run(args.run, config)
+        else:
+            run = Run(args.run)
+        start = time.perf_counter()
+        result = STAGES[args.command][0](run)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"safety-circuits {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    _summarise(args.command, result, time.perf_counter() - start)
+    return 0
+
+
+def _summarise(command: str, result: Any, seconds: float) -> None:
+    with pd.option_context("display.width", 140, "display.max_columns", 20, "display.precision", 3):
+        if isinstance(result, dict):
+            for name, neurons in result.items():
+                print(f"{name:>10}: {len(neurons):6d} neurons ({100 * neurons.fraction_of():.2f}% of all)")
+        elif isinstance(result, pd.DataFrame):
+            print(result.to_string(index=False))
+        else:
+            print(f"report: {result}")
+    print(f"safety-circuits {command}: done in {seconds:.0f} s")
 
 
 if __name__ == "__main__":

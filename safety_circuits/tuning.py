@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import random
-import resource
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -309,8 +309,34 @@ class TuneResult:
         return Path(folder)
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class _PeakMemory:
+    """Peak resident memory above the starting level while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self) -> _PeakMemory:
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
 
 
 # -- the tuning loop -------------------------------------------------------------------------
@@ -341,7 +367,7 @@ def tune(
     losses: list[float] = []
     start = time.perf_counter()
     hf.train()
-    with _trainable(hf, slices, config.mechanism) as trainable:
+    with _PeakMemory() as memory, _trainable(hf, slices, config.mechanism) as trainable:
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
         steps = config.epochs * -(-len(encoded) // config.batch_size)
         bar = tqdm(total=steps, desc=f"tuning ({config.mechanism})", disable=not progress, leave=False)
@@ -371,7 +397,7 @@ def tune(
         "tokens": sum(len(ids) for ids, _ in encoded),
         "steps": len(losses),
         "seconds": seconds,
-        "peak_rss_bytes": _peak_rss(),
+        "peak_memory_mb": round(memory.extra_mb, 1),
         "neurons": None if neurons is None else len(neurons),
         "fraction_of_neurons": None if neurons is None else neurons.fraction_of(),
         "trained_parameters": int(sum(len(i) * _row_size(hf, p, a) for p, (a, i) in slices.items()))

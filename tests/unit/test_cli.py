@@ -1,29 +1,74 @@
+"""The CLI and the pipeline behind it, end to end on a tiny model saved as an HF folder."""
+
 import json
 
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
 from safety_circuits.cli import main
+from safety_circuits.neurons import NeuronSet, hf_masks
+from safety_circuits.pipeline import Run, RunConfig
 from safety_circuits.testing import tiny_hf
 
+SMALL = [
+    *("--train-harmful 4 --retain-tokens 4 --eval-harmful 3 --eval-harmless 3 --capability 3".split()),
+    *("--max-new-tokens 3 --quantile 0.9 --lr 1e-3 --backend hooked".split()),
+]
 
-def test_evaluate_writes_a_run_folder(tmp_path, tokenizer, capsys):
-    model_dir = tmp_path / "model"
-    tiny_hf("llama", len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    out = tmp_path / "runs" / "tiny"
-    args = [
-        "evaluate",
-        "--model",
-        str(model_dir),
-        "--harmful",
-        "3",
-        "--harmless",
-        "2",
-        "--max-new-tokens",
-        "3",
-    ]
-    assert main([*args, "--out", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["harmful_prompts"] == 3 and summary["harmless_prompts"] == 2
-    assert 0 <= summary["asr"] <= 1 and 0 <= summary["over_refusal"] <= 1
-    assert (out / "harmbench_test.csv").exists() and (out / "harmless_eval.csv").exists()
-    assert "ASR on 3 HarmBench" in capsys.readouterr().out
-    assert [p.name for p in out.parent.iterdir()] == ["tiny"], "no temp folders left behind"
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("model")
+    tiny_hf("llama", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_run_writes_every_stage(model_dir, tmp_path, capsys):
+    run = tmp_path / "runs" / "tiny"
+    assert main(["run", "--run", str(run), "--model", str(model_dir), *SMALL]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == str(model_dir) and config["eval_harmful"] == 3
+    safety = NeuronSet.load(run / "neurons" / "safety.safetensors")
+    assert len(safety) > 0 and (run / "neurons" / "safety.csv").exists()
+    evaluation = pd.read_csv(run / "results" / "evaluation.csv")
+    assert list(evaluation["model"]) == ["original", "sn_tune", "random", "full"]
+    assert evaluation[["asr", "over_refusal", "capability"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert evaluation.loc[0, "kl"] == pytest.approx(0, abs=1e-6)
+    deactivation = pd.read_csv(run / "results" / "deactivation.csv")
+    assert list(deactivation["setting"]) == ["Origin", "Deact-R", "Deact-SN"]
+    assert "<h2>SN-Tune: before and after</h2>" in (run / "report.html").read_text()
+    # the tuned folder is a plain HF model that differs from the original only in the neurons' slices
+    tuned = AutoModelForCausalLM.from_pretrained(run / "models" / "sn_tune")
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    run_obj = Run(run)
+    masks = hf_masks(safety, run_obj.base)
+    for (name, a), (_, b) in zip(tuned.named_parameters(), original.named_parameters(), strict=True):
+        outside = ~masks.get(name, torch.zeros_like(a, dtype=torch.bool))
+        assert torch.equal(a[outside], b[outside]), name
+    out = capsys.readouterr().out
+    assert "report:" in out and "done in" in out
+    assert [p.name for p in run.parent.iterdir()] == ["tiny"], "no temp folders left behind"
+
+
+def test_stages_one_at_a_time_and_clear_errors(model_dir, tmp_path, capsys):
+    run = tmp_path / "stages"
+    assert main(["tune", "--run", str(run)]) == 2
+    assert "run `safety-circuits detect` first" in capsys.readouterr().err
+    assert main(["detect", "--run", str(run), "--model", str(model_dir), *SMALL, "--no-controls"]) == 0
+    assert main(["ablate", "--run", str(run)]) == 2
+    assert "run `safety-circuits tune` first" in capsys.readouterr().err
+    assert main(["tune", "--run", str(run)]) == 0
+    assert sorted(p.name for p in (run / "models").iterdir()) == ["sn_tune"]
+    assert main(["report", "--run", str(run)]) == 0
+    assert "SN-Tune: before and after" not in (run / "report.html").read_text()
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="positions"):
+        RunConfig(positions="assistant")
+    with pytest.raises(ValueError, match="unknown run config keys"):
+        RunConfig.from_dict({"lr": 1e-3, "learning_rate": 1})
+    assert RunConfig.from_dict(RunConfig(lr=1e-3).to_dict()) == RunConfig(lr=1e-3)
