@@ -4,6 +4,7 @@ Each stage reads what the previous ones wrote under ``runs/<name>/``, so the CLI
 at a time (``safety-circuits detect|tune|evaluate|ablate|report``) or all in order (``run``)::
 
     runs/<name>/config.json                     the RunConfig
+    runs/<name>/documents.json                  the tuning documents (refusals and retain)
     runs/<name>/neurons/*.safetensors, *.csv    importance, safety / foundation / robust NeuronSets
     runs/<name>/models/sn_tune/                 the SN-Tuned model (plain HF folder + mask + record)
     runs/<name>/models/{random,full}/           controls: random neurons of equal counts, full FT
@@ -194,13 +195,23 @@ def detect(run: Run) -> dict[str, NeuronSet]:
 
 def documents(run: Run) -> list[Document]:
     """Refusals for HarmBench val + sampled AdvBench train prompts, and retain documents: the
-    harmless train prompts answered by the original model itself."""
+    harmless train prompts answered by the original model itself. Kept in ``documents.json``
+    and re-made when the settings they depend on change."""
     cfg = run.config
+    made_with = {k: getattr(cfg, k) for k in ("model", "seed", "train_harmful", "retain_tokens")}
+    path = run.path("documents.json")
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["made_with"] == made_with:
+            return [Document(**d) for d in saved["documents"]]
     harmful = data.harmbench("val") + data.sample(data.advbench("train"), cfg.train_harmful, seed=cfg.seed)
     retain = retain_documents(
         run.base, data.harmless("train"), max_new_tokens=cfg.retain_tokens, batch_size=16
     )
-    return refusal_documents(harmful, seed=cfg.seed) + retain
+    docs = refusal_documents(harmful, seed=cfg.seed) + retain
+    saved = {"made_with": made_with, "documents": [asdict(d) for d in docs]}
+    _write_text(path, json.dumps(saved, indent=1))
+    return docs
 
 
 def tune_models(run: Run) -> pd.DataFrame:

@@ -114,6 +114,41 @@ def retain_documents(
     return [Document(p, a, "retain") for p, a in zip(prompts, answers, strict=True) if a.strip()]
 
 
+_WORDS = (
+    "apple river stone cloud maple pepper violin garden candle orbit lemon harbor pencil tiger "
+    "meadow silver rocket basket forest window planet copper ladder island"
+).split()
+
+
+def benign_task_documents(n: int = 200, seed: int = 0) -> list[Document]:
+    """A benign downstream task with exact answers (arithmetic, unit conversion, sorting and
+    counting), generated here: the fine-tuning that RSN-Tune should survive (Sec. 4, Table 4)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        task = i % 4
+        if task == 0:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            prompt, response = f"What is {a} + {b}?", f"{a} + {b} = {a + b}."
+        elif task == 1:
+            h = rng.randint(2, 12)
+            prompt, response = f"How many minutes are in {h} hours?", f"{h} hours is {60 * h} minutes."
+        elif task == 2:
+            words = rng.sample(_WORDS, 4)
+            prompt = "Sort these words alphabetically: " + ", ".join(words) + "."
+            response = ", ".join(sorted(words)) + "."
+        else:
+            word = rng.choice(_WORDS)
+            prompt, response = (
+                f'How many letters are in the word "{word}"?',
+                f'"{word}" has {len(word)} letters.',
+            )
+        docs.append(Document(prompt, response, "task"))
+    return docs
+
+
 def _end_of_turn(subject: Subject) -> int:
     ids = stop_ids(subject)
     eos = subject.tokenizer.eos_token_id

@@ -152,3 +152,15 @@ def test_bad_input(make_subject):
         TuneConfig(mechanism="lora")
     assert TuneConfig.from_dict(TuneConfig(lr=1e-3).to_dict()) == TuneConfig(lr=1e-3)
     assert isinstance(TuneResult, type)
+
+
+def test_benign_task_documents_are_correct():
+    docs = tuning_module.benign_task_documents(40, seed=1)
+    assert len(docs) == 40 and len({d.prompt for d in docs}) >= 35
+    for d in docs:
+        if d.prompt.startswith("What is"):
+            a, b = (int(x) for x in d.prompt.removeprefix("What is ").rstrip("?").split(" + "))
+            assert d.response == f"{a} + {b} = {a + b}."
+        if d.prompt.startswith("Sort"):
+            words = d.prompt.split(": ")[1].rstrip(".").split(", ")
+            assert d.response.rstrip(".").split(", ") == sorted(words)

@@ -1,0 +1,75 @@
+"""RSN-Tune vs SN-Tune under benign downstream fine-tuning (paper Sec. 4, Table 4 analog).
+
+SN-Tune trains every safety neuron; RSN-Tune only those that are not also foundation neurons
+(important on general text), so that later fine-tuning on an ordinary task, which moves the
+foundation neurons, leaves the tuned safety neurons alone. Both starting points are then fully
+fine-tuned on the same benign task (arithmetic, unit conversion, sorting, counting; written by
+the project), and their ASR on held-out HarmBench test prompts is measured before and after.
+
+Run after ``make demo`` (it reuses that run's neurons and documents):
+``.venv/bin/python examples/rsn_tune.py --run runs/demo``. Writes ``<run>/results/rsn_tune.csv``
+and ``<run>/rsn_tune.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pandas as pd
+
+from safety_circuits import ablation
+from safety_circuits.pipeline import Run, documents
+from safety_circuits.report import write_report
+from safety_circuits.tuning import benign_task_documents, rsn_tune, sn_tune, tune
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", default="runs/demo")
+    parser.add_argument("--task-documents", type=int, default=200)
+    parser.add_argument("--task-lr", type=float, default=2e-5)
+    parser.add_argument("--task-epochs", type=int, default=1)
+    args = parser.parse_args()
+
+    run = Run(args.run)
+    cfg = run.config
+    safety, foundation = run.neurons("safety"), run.neurons("foundation")
+    docs = documents(run)
+    task = benign_task_documents(args.task_documents, seed=cfg.seed)
+    harmful, harmless = run.harmful_eval(), run.harmless_eval()
+    tuned = {
+        "SN-Tune": sn_tune(run.base, safety, docs, config=cfg.tune_config()),
+        "RSN-Tune": rsn_tune(run.base, safety, foundation, docs, config=cfg.tune_config()),
+    }
+    rows = []
+    for name, result in tuned.items():
+        after_task = tune(result.subject, task, mechanism="full", lr=args.task_lr, epochs=args.task_epochs)
+        for stage, subject in (
+            ("after safety tuning", result.subject),
+            ("after the benign task", after_task.subject),
+        ):
+            measured = ablation.measure(
+                subject, harmful, harmless, max_new_tokens=cfg.max_new_tokens, use="hf", batch_size=16
+            )
+            rows.append({"method": name, "neurons": len(result.neurons), "stage": stage, **measured})
+    table = pd.DataFrame(rows)
+    table.to_csv(run.path("results", "rsn_tune.csv"), index=False)
+    note = (
+        f"{len(safety)} safety neurons, {len(safety - foundation)} of them not foundation neurons; "
+        f"benign task: {len(task)} documents, full fine-tuning, lr {args.task_lr}, "
+        f"{args.task_epochs} epoch(s). "
+        f"ASR on {len(harmful)} HarmBench test prompts, over-refusal on {len(harmless)} harmless prompts."
+    )
+    path = write_report(
+        run.path("rsn_tune.html"), "RSN-Tune vs SN-Tune (Table 4 analog)", [("Result", [note, table])]
+    )
+    print(note)
+    print(table.to_string(index=False))
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()
