@@ -16,6 +16,15 @@ from safety_circuits.neurons import (
     hf_slices,
     hook_name,
 )
+from safety_circuits.tuning import (
+    Document,
+    TuneConfig,
+    TuneResult,
+    refusal_documents,
+    retain_documents,
+    rsn_tune,
+    sn_tune,
+)
 
 __version__ = "0.1.0"
 
@@ -23,9 +32,12 @@ __all__ = [
     "KINDS",
     "Architecture",
     "ArchitectureMismatchError",
+    "Document",
     "Importance",
     "NeuronSet",
     "Subject",
+    "TuneConfig",
+    "TuneResult",
     "UnsupportedArchitectureError",
     "ablate",
     "ablate_hf",
@@ -44,5 +56,9 @@ __all__ = [
     "load_model",
     "neuron_importance",
     "over_refusal_rate",
+    "refusal_documents",
+    "retain_documents",
     "robust_safety_neurons",
+    "rsn_tune",
+    "sn_tune",
 ]

@@ -407,12 +407,8 @@ def tune(
         steps = config.epochs * -(-len(encoded) // config.batch_size)
         bar = tqdm(total=steps, desc=f"tuning ({config.mechanism})", disable=not progress, leave=False)
         for _ in range(config.epochs):
-            order = list(range(len(encoded)))
-            order_rng.shuffle(order)
-            for b in range(0, len(order), config.batch_size):
-                input_ids, mask, labels = _right_pad(
-                    [encoded[i] for i in order[b : b + config.batch_size]], pad, hf.device
-                )
+            for batch in _length_buckets([len(ids) for ids, _ in encoded], config.batch_size, order_rng):
+                input_ids, mask, labels = _right_pad([encoded[i] for i in batch], pad, hf.device)
                 loss = _response_loss(hf(input_ids=input_ids, attention_mask=mask).logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -441,6 +437,20 @@ def tune(
     }
     logger.info("tuned %s in %.1f s, final loss %.3f", subject.name, seconds, losses[-1])
     return TuneResult(tuned, neurons if config.mechanism != "full" else None, config, losses, record)
+
+
+def _length_buckets(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar length (little padding): shuffle, sort within windows of 8
+    batches, cut into batches, shuffle the batches."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = 8 * batch_size
+    out = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lengths.__getitem__)
+        out += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(out)
+    return out
 
 
 def _row_size(model: nn.Module, param: str, axis: int) -> int:
