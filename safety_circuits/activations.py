@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -138,14 +139,14 @@ def mean_activations(
     sums: dict[str, Tensor] = {}
     count = 0
 
-    def accumulate(act: Tensor, *, hook) -> None:
+    def accumulate(act: Tensor, *, hook, name: str) -> None:  # the bridge may rename aliased hooks
         m = mask.to(act.dtype).view(*mask.shape, *([1] * (act.ndim - 2)))
         total = (act * m).sum(dim=(0, 1)).double()
-        sums[hook.name] = sums.get(hook.name, 0) + total
+        sums[name] = sums.get(name, 0) + total
 
     for batch in batches(subject, prompts, batch_size, chat=chat, desc="mean activations"):
         mask = batch.attention_mask
-        with subject.tl.hooks(fwd_hooks=[(n, accumulate) for n in names]):
+        with subject.tl.hooks(fwd_hooks=[(n, partial(accumulate, name=n)) for n in names]):
             subject.tl(batch.input_ids, attention_mask=batch.attention_mask)
         count += int(mask.sum())
     return {n: (s / count).float() for n, s in sums.items()}

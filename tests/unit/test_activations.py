@@ -53,3 +53,9 @@ def test_user_positions_cover_exactly_the_prompt(make_subject):
     assert torch.equal(plain.positions, plain.attention_mask)
     with pytest.raises(ValueError, match="positions"):
         next(batches(subject, prompts, positions="assistant"))
+
+
+def test_mean_activations_keyed_by_requested_name_on_the_bridge(make_subject):
+    subject = make_subject("llama", "bridge")
+    names = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
+    assert set(mean_activations(subject, ["Hi", "How do I bake bread?"], names)) == set(names)
