@@ -1,0 +1,349 @@
+"""Linear probes: at which layers is "harmful vs harmless" linearly readable? (article: Probing Classifiers)
+
+For every layer, the activation at one site (default: the residual stream after the block) and
+one prompt position (default: the last token, i.e. the end of the chat template, the position
+the first response token is predicted from) is collected for every harmful and harmless prompt
+in one batched pass per site, and a logistic regression on standardised features is
+cross-validated on it (stratified k-fold). ``accuracy`` is the mean held-out accuracy over folds;
+``above_chance`` is a one-sided binomial test of the pooled held-out predictions against the
+majority-class rate.
+
+:func:`probe_neurons` runs the same probe on the activations of a :class:`NeuronSet` only (for
+example the safety neurons), per layer and all together.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from safety_circuits.activations import batches, check_prompts
+from safety_circuits.neurons import HookFn, NeuronSet, check_arch, hook_name
+
+if TYPE_CHECKING:
+    from safety_circuits.loading import Subject
+
+logger = logging.getLogger(__name__)
+
+#: Short site names -> TL hook name templates (``{layer}`` is filled in).
+SITES: dict[str, str] = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "mlp_post": "blocks.{layer}.mlp.hook_post",
+    "z": "blocks.{layer}.attn.hook_z",
+}
+
+
+def site_hook(site: str, layer: int) -> str:
+    """TL hook name of a short site name at a layer, e.g. ``site_hook("resid_post", 3)``.
+
+    >>> site_hook("resid_post", 3)
+    'blocks.3.hook_resid_post'
+    """
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; sites are {sorted(SITES)}")
+    return SITES[site].format(layer=layer)
+
+
+def check_positions(positions: Sequence[int]) -> list[int]:
+    """Positions counted from the end (``-1`` = last token): the ones left padding keeps aligned."""
+    positions = [int(p) for p in positions]
+    if not positions:
+        raise ValueError("give at least one position")
+    if any(p >= 0 for p in positions):
+        raise ValueError(
+            f"positions must be negative (counted from the end, -1 = last token), got {positions}: "
+            "batches are left-padded, so only positions from the end line up across prompts"
+        )
+    return positions
+
+
+@torch.no_grad()
+def activations_at(
+    subject: Subject,
+    prompts: Sequence[str],
+    hook_names: Sequence[str],
+    positions: Sequence[int] = (-1,),
+    batch_size: int = 8,
+    chat: bool = True,
+    desc: str | None = None,
+) -> dict[str, Float[Tensor, "prompt pos ..."]]:
+    """Activations at ``hook_names`` and ``positions`` (from the end) of each prompt, in input order.
+
+    Like ``run_with_cache(names_filter=hook_names)`` over left-padded batches, but each hook keeps
+    only the requested positions (float32, on the CPU), and the hooked backend stops after the
+    last layer asked for. Attention-head sites keep their head axis: ``[prompt, pos, head, d_head]``.
+    """
+    prompts = check_prompts(prompts)
+    names = list(dict.fromkeys(hook_names))
+    if not names:
+        raise ValueError("give at least one hook name")
+    missing = [n for n in names if n not in subject.tl.hook_dict]
+    if missing:
+        raise ValueError(f"{subject.name} has no hook points {missing[:5]}")
+    positions = check_positions(positions)
+    index = torch.tensor(positions, device=subject.device)
+    out: dict[str, Tensor] = {}
+    rows: list[int] = []
+
+    def keeper(name: str) -> HookFn:  # keyed by the name asked for: the bridge's hook.name is its own
+        def keep(act: Tensor, *, hook) -> None:
+            picked = act[:, index].detach().float().cpu()
+            if name not in out:
+                out[name] = picked.new_zeros((len(prompts), *picked.shape[1:]))
+            out[name][rows] = picked
+
+        return keep
+
+    extra = {}
+    if subject.backend == "hooked" and all(n.startswith("blocks.") for n in names):
+        extra["stop_at_layer"] = max(int(n.split(".")[1]) for n in names) + 1  # skip the layers after
+    for batch in batches(subject, prompts, batch_size, chat=chat, desc=desc):
+        shortest = int(batch.attention_mask.sum(-1).min())
+        if -min(positions) > shortest:
+            raise ValueError(f"position {min(positions)} is before the start of a {shortest}-token prompt")
+        rows[:] = batch.order
+        with subject.tl.hooks(fwd_hooks=[(n, keeper(n)) for n in names]):
+            subject.tl(batch.input_ids, attention_mask=batch.attention_mask, return_type=None, **extra)
+    return out
+
+
+# -- the probe ------------------------------------------------------------------------------
+def cross_validate(
+    features: Float[np.ndarray, "n feature"],
+    labels: Sequence[int],
+    cv: int = 5,
+    seed: int = 0,
+    C: float = 1.0,
+    alpha: float = 0.05,
+) -> dict[str, float]:
+    """Stratified k-fold accuracy of ``StandardScaler -> LogisticRegression`` on ``features``.
+
+    Returns the mean and std of the fold accuracies, the majority-class (chance) rate, the
+    p-value of a one-sided binomial test of all held-out predictions against chance, and
+    ``above_chance = p_value < alpha``.
+    """
+    from scipy.stats import binomtest
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    y = np.asarray(labels)
+    counts = np.bincount(y, minlength=2)
+    if cv < 2:
+        raise ValueError(f"cv must be >= 2 folds, got {cv}")
+    if counts.min() < cv:
+        raise ValueError(
+            f"{cv}-fold cross-validation needs at least {cv} prompts of each class, got {counts}"
+        )
+    folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
+    accuracies, correct = [], 0
+    for train, test in folds.split(x, y):
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            probe.fit(x[train], y[train])
+        hits = probe.predict(x[test]) == y[test]
+        accuracies.append(float(hits.mean()))
+        correct += int(hits.sum())
+    chance = float(counts.max() / counts.sum())
+    p_value = float(binomtest(correct, len(y), chance, alternative="greater").pvalue)
+    return {
+        "accuracy": float(np.mean(accuracies)),
+        "std": float(np.std(accuracies)),
+        "chance": chance,
+        "p_value": p_value,
+        "above_chance": p_value < alpha,
+    }
+
+
+@dataclass
+class ProbeResult:
+    """Cross-validated probe accuracy per layer (one row per probe).
+
+    ``frame`` columns: ``layer`` (``<NA>`` for a probe over all layers' neurons at once),
+    ``features`` (what was probed), ``n_features``, ``accuracy`` (mean over folds), ``std``,
+    ``chance``, ``p_value``, ``above_chance``.
+    """
+
+    frame: pd.DataFrame
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    @property
+    def per_layer(self) -> pd.DataFrame:
+        """The rows of single layers, sorted by layer."""
+        rows = self.frame[self.frame["layer"].notna()]
+        return rows.astype({"layer": int}).sort_values("layer").reset_index(drop=True)
+
+    @property
+    def best_layer(self) -> int:
+        """The layer with the highest accuracy (the earliest among ties)."""
+        rows = self.per_layer
+        return int(rows.loc[rows["accuracy"].idxmax(), "layer"])
+
+    def readable_layers(self, threshold: float = 0.8) -> list[int]:
+        """Layers where the probe reaches ``threshold`` accuracy and beats chance."""
+        rows = self.per_layer
+        return rows.loc[(rows["accuracy"] >= threshold) & rows["above_chance"], "layer"].tolist()
+
+    def plot(self, title: str | None = None, others: dict[str, ProbeResult] | None = None) -> go.Figure:
+        """Accuracy per layer with ±std bands, chance as a dotted line; ``others`` adds curves
+        (e.g. ``{"SN-Tuned": tuned_probes}``)."""
+        curves = {self.config.get("label", "probe"): self, **(others or {})}
+        fig = go.Figure()
+        for name, result in curves.items():
+            rows = result.per_layer
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["layer"],
+                    y=rows["accuracy"],
+                    error_y={"type": "data", "array": rows["std"], "visible": True},
+                    mode="lines+markers",
+                    name=name,
+                )
+            )
+            for _, row in result.frame[result.frame["layer"].isna()].iterrows():
+                fig.add_hline(
+                    y=row["accuracy"], line_dash="dash", annotation_text=f"{name}: {row['features']}"
+                )
+        chance = float(self.frame["chance"].iloc[0]) if len(self.frame) else 0.5
+        fig.add_hline(y=chance, line_dash="dot", line_color="grey", annotation_text="chance")
+        site = self.config.get("site", "neurons")
+        return fig.update_layout(
+            title=title or f"probe accuracy per layer ({site}, position {self.config.get('position', -1)})",
+            xaxis_title="layer",
+            yaxis_title=f"{self.config.get('cv', '?')}-fold accuracy",
+            yaxis_range=[0, 1.05],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        frame = self.frame.astype({"layer": object}).where(self.frame.notna(), None)
+        return {"config": self.config, "rows": frame.to_dict("records")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeResult:
+        frame = pd.DataFrame(d["rows"]).astype({"layer": "Int64"})
+        return cls(frame=frame, config=dict(d.get("config", {})))
+
+    def __repr__(self) -> str:
+        if not len(self.per_layer):
+            return f"ProbeResult({len(self.frame)} probes)"
+        best = self.per_layer["accuracy"].max()
+        return f"ProbeResult({len(self.frame)} probes, best layer {self.best_layer}: {best:.3f})"
+
+
+def _labels(harmful: Sequence[str], harmless: Sequence[str]) -> np.ndarray:
+    return np.r_[np.ones(len(harmful), dtype=int), np.zeros(len(harmless), dtype=int)]
+
+
+def _both(subject, harmful, harmless, names, position, batch_size, chat, progress) -> dict[str, Tensor]:
+    """Activations of harmful then harmless prompts at ``names``, stacked along the prompt axis."""
+    harmful = check_prompts(harmful, "harmful")
+    harmless = check_prompts(harmless, "harmless")
+    kwargs = {"positions": [position], "batch_size": batch_size, "chat": chat}
+    a = activations_at(
+        subject, harmful, names, desc="probe activations (harmful)" if progress else None, **kwargs
+    )
+    b = activations_at(
+        subject, harmless, names, desc="probe activations (harmless)" if progress else None, **kwargs
+    )
+    return {n: torch.cat([a[n], b[n]])[:, 0] for n in names}
+
+
+def probe_layers(
+    subject: Subject,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    site: str = "resid_post",
+    position: int = -1,
+    cv: int = 5,
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+    C: float = 1.0,
+    batch_size: int = 8,
+    chat: bool = True,
+    progress: bool = True,
+) -> ProbeResult:
+    """Cross-validated linear probe (harmful = 1, harmless = 0) on ``site`` at every layer."""
+    layers = list(range(subject.arch.n_layers)) if layers is None else list(layers)
+    bad = [layer for layer in layers if not 0 <= layer < subject.arch.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for {subject.arch.n_layers} layers")
+    names = [site_hook(site, layer) for layer in layers]
+    acts = _both(subject, harmful, harmless, names, position, batch_size, chat, progress)
+    y = _labels(harmful, harmless)
+    rows = []
+    for layer, name in zip(layers, names, strict=True):
+        x = acts[name].flatten(1).numpy()
+        rows.append(
+            {"layer": layer, "features": site, "n_features": x.shape[1], **cross_validate(x, y, cv, seed, C)}
+        )
+    config = {"site": site, "position": position, "cv": cv, "seed": seed, "C": C, "chat": chat}
+    config |= {"n_harmful": len(harmful), "n_harmless": len(harmless), "label": subject.name}
+    return ProbeResult(pd.DataFrame(rows).astype({"layer": "Int64"}), config)
+
+
+def probe_neurons(
+    subject: Subject,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    neurons: NeuronSet,
+    position: int = -1,
+    cv: int = 5,
+    seed: int = 0,
+    C: float = 1.0,
+    batch_size: int = 8,
+    chat: bool = True,
+    progress: bool = True,
+) -> ProbeResult:
+    """The probe on the activations of ``neurons`` only: one row per layer holding some of them,
+    and a last row (``layer`` = ``<NA>``) with all of them together."""
+    check_arch(neurons.arch, subject.arch)
+    if not len(neurons):
+        raise ValueError("the NeuronSet is empty: nothing to probe")
+    names = [hook_name(layer, kind) for layer, kind in neurons.indices]
+    acts = _both(subject, harmful, harmless, names, position, batch_size, chat, progress)
+    per_layer: dict[int, list[np.ndarray]] = {}
+    for (layer, kind), idx in neurons.indices.items():
+        per_layer.setdefault(layer, []).append(
+            acts[hook_name(layer, kind)].flatten(1)[:, idx.tolist()].numpy()
+        )
+    y = _labels(harmful, harmless)
+    label = neurons.name or "neurons"
+    rows = []
+    for layer, parts in per_layer.items():
+        x = np.concatenate(parts, axis=1)
+        rows.append(
+            {"layer": layer, "features": label, "n_features": x.shape[1], **cross_validate(x, y, cv, seed, C)}
+        )
+    x = np.concatenate([p for parts in per_layer.values() for p in parts], axis=1)
+    rows.append(
+        {
+            "layer": None,
+            "features": f"{label} (all layers)",
+            "n_features": x.shape[1],
+            **cross_validate(x, y, cv, seed, C),
+        }
+    )
+    config = {"site": f"{label} neurons", "position": position, "cv": cv, "seed": seed, "C": C, "chat": chat}
+    config |= {"n_harmful": len(harmful), "n_harmless": len(harmless), "label": label}
+    return ProbeResult(pd.DataFrame(rows).astype({"layer": "Int64"}), config)
