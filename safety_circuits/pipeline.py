@@ -72,6 +72,7 @@ class RunConfig:
     epochs: int = 1
     batch_size: int = 8
     mechanism: Mechanism = "delta"
+    retain_kl: float = 1.0
     controls: bool = True
     # evaluation
     eval_harmful: int = 50

@@ -296,11 +296,18 @@ class TuneConfig:
     max_length: int = 256
     seed: int = 0
     mechanism: Mechanism = "delta"
+    retain_kl: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
+        if (
+            self.lr <= 0
+            or self.epochs < 1
+            or self.batch_size < 1
+            or self.max_length < 2
+            or self.retain_kl < 0
+        ):
             raise ValueError(f"invalid tuning config {self}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -385,7 +392,12 @@ def tune(
     **overrides: Any,
 ) -> TuneResult:
     """Train ``subject``'s HF model on ``documents``: only ``neurons``' slices, or everything
-    (``mechanism="full"``). Returns a new Subject unless ``inplace``; both TL and HF are updated."""
+    (``mechanism="full"``). Returns a new Subject unless ``inplace``; both TL and HF are updated.
+
+    The loss is the cross-entropy on the response tokens, plus ``retain_kl`` times the mean
+    KL(original || tuned) of the next-token distributions at every token of the ``retain``
+    documents (prompt included), which keeps the tuned model close to the original where it
+    should not change."""
     config = TuneConfig(**{**(config or TuneConfig()).to_dict(), **overrides})
     if config.mechanism != "full":
         if neurons is None:
@@ -394,6 +406,9 @@ def tune(
         if len(neurons) == 0:
             raise ValueError("the NeuronSet is empty: nothing to tune")
     encoded = encode_documents(subject, documents, config.max_length)
+    if config.retain_kl and inplace:
+        raise ValueError("retain_kl needs the original model as a reference: use inplace=False")
+    retain = torch.tensor([d.kind == "retain" for d in documents])
     hf = subject.hf if inplace else copy.deepcopy(subject.hf)
     slices = _merged_slices(hf_slices(neurons)) if config.mechanism != "full" else {}
     torch.manual_seed(config.seed)
@@ -409,7 +424,13 @@ def tune(
         for _ in range(config.epochs):
             for batch in _length_buckets([len(ids) for ids, _ in encoded], config.batch_size, order_rng):
                 input_ids, mask, labels = _right_pad([encoded[i] for i in batch], pad, hf.device)
-                loss = _response_loss(hf(input_ids=input_ids, attention_mask=mask).logits, labels)
+                logits = hf(input_ids=input_ids, attention_mask=mask).logits
+                loss = _response_loss(logits, labels)
+                keep = mask.bool() & retain[batch].to(mask.device)[:, None]
+                if config.retain_kl and keep.any():
+                    with torch.no_grad():
+                        reference = subject.hf(input_ids=input_ids, attention_mask=mask).logits
+                    loss = loss + config.retain_kl * _kl(reference[keep], logits[keep])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -456,6 +477,12 @@ def _length_buckets(lengths: Sequence[int], batch_size: int, rng: random.Random)
 def _row_size(model: nn.Module, param: str, axis: int) -> int:
     p = model.get_parameter(param)
     return p.numel() // p.shape[axis]
+
+
+def _kl(reference: Float[Tensor, "n v"], logits: Float[Tensor, "n v"]) -> Tensor:
+    """Mean over rows of KL(softmax(reference) || softmax(logits))."""
+    ref = reference.float().log_softmax(-1)
+    return (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1).mean()
 
 
 def _response_loss(logits: Float[Tensor, "b p v"], labels: Int[Tensor, "b p"]) -> Tensor:

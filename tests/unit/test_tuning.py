@@ -164,3 +164,20 @@ def test_benign_task_documents_are_correct():
         if d.prompt.startswith("Sort"):
             words = d.prompt.split(": ")[1].rstrip(".").split(", ")
             assert d.response.rstrip(".").split(", ") == sorted(words)
+
+
+def test_retain_kl_keeps_the_model_closer_on_retain_documents(make_subject):
+    subject = make_subject("llama")
+    neurons = some_neurons(subject)
+    docs = [*DOCS, Document("Name a colour of the sky.", "Blue, on a clear day.", "retain")]
+    ids = torch.tensor([encode_documents(subject, docs[-1:])[0][0]])
+    reference = subject.hf(ids).logits.log_softmax(-1)
+
+    def kl_after(weight):
+        tuned = sn_tune(subject, neurons, docs, lr=3e-2, epochs=3, retain_kl=weight, progress=False).subject
+        logp = tuned.hf(ids).logits.log_softmax(-1)
+        return float((reference.exp() * (reference - logp)).sum(-1).mean())
+
+    assert kl_after(10.0) < kl_after(0.0)
+    with pytest.raises(ValueError, match="inplace"):
+        sn_tune(subject, neurons, docs, retain_kl=1.0, inplace=True, progress=False)
