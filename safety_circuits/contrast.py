@@ -28,7 +28,6 @@ differently they behave on the two kinds of prompts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -42,11 +41,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from safety_circuits._io import atomic_file
+from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import batches, check_prompts
 from safety_circuits.evaluate import decoder_for, greedy_decode, stop_ids
 from safety_circuits.loading import Architecture
@@ -69,7 +66,6 @@ logger = logging.getLogger(__name__)
 Positions = Literal["completion", "prompt", "prompt_last"]
 POSITIONS: tuple[Positions, ...] = ("completion", "prompt", "prompt_last")
 DEFAULT_KINDS: tuple[Kind, ...] = ("ffn", "o")
-FORMAT_VERSION = 1
 
 
 # -- checks shared by contrast, patching and monitoring ---------------------------------------
@@ -288,36 +284,25 @@ class ContrastScores:
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the scores and means to ``.safetensors``, the rest as JSON in its header."""
-        path = Path(path)
         tensors = {}
         for kind in self.kinds:
             tensors[f"score.{kind}"] = self.scores[kind].contiguous()
             tensors[f"mean_aligned.{kind}"] = self.mean_aligned[kind].contiguous()
             tensors[f"mean_unaligned.{kind}"] = self.mean_unaligned[kind].contiguous()
         header = {
-            "format": "safety_circuits.ContrastScores",
-            "version": FORMAT_VERSION,
             "arch": self.arch.fingerprint(),
             "n_tokens": self.n_tokens,
             "n_prompts": self.n_prompts,
             "responses": self.responses,
             "config": self.config,
         }
-        with atomic_file(path) as tmp:
-            save_file(tensors, tmp, metadata={"safety_circuits": json.dumps(header)})
-        return path
+        return save_tensors(path, tensors, "ContrastScores", header)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ContrastScores:
         """Read a file written by :meth:`save`."""
-        path = Path(path)
+        tensors, header = load_tensors(path, "ContrastScores")
         try:
-            tensors = load_file(path)
-            with open(path, "rb") as f:
-                raw = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            header = json.loads(raw["__metadata__"]["safety_circuits"])
-            if header.get("format") != "safety_circuits.ContrastScores":
-                raise ValueError("not a ContrastScores file")
             kinds = [k for k in KINDS if f"score.{k}" in tensors]
             return cls(
                 arch=Architecture.from_dict(header["arch"]),
@@ -329,9 +314,7 @@ class ContrastScores:
                 responses=list(header["responses"]),
                 config=dict(header["config"]),
             )
-        except FileNotFoundError:
-            raise
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a valid ContrastScores file: {e}") from e
 
     def __repr__(self) -> str:

@@ -14,7 +14,6 @@ first token is chosen, and can flag it, stop its answer, redirect it to a fixed 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -28,13 +27,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor
 
-from safety_circuits._io import atomic_file
+from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import batches, check_prompts
 from safety_circuits.evaluate import generate, is_refusal
 from safety_circuits.loading import Architecture
@@ -49,7 +46,6 @@ logger = logging.getLogger(__name__)
 Action = Literal["flag", "stop", "redirect", "raise"]
 ACTIONS: tuple[Action, ...] = ("flag", "stop", "redirect", "raise")
 DEFAULT_MESSAGE = "I'm sorry, but I can't help with that."
-FORMAT_VERSION = 1
 
 
 # -- features and labels -------------------------------------------------------------------------
@@ -318,7 +314,6 @@ class UnsafeOutputDetector:
         """Write the fitted detector to ``.safetensors`` (weights, scaler, neuron masks) with its
         settings and the model fingerprint as JSON in the header. No pickle."""
         neurons = self._require_fit()
-        path = Path(path)
         tensors = {
             "coef": torch.from_numpy(self.coef_),  # type: ignore[arg-type]
             "mean": torch.from_numpy(self.mean_),  # type: ignore[arg-type]
@@ -326,8 +321,6 @@ class UnsafeOutputDetector:
             **{f"mask.{k}": m.to(torch.uint8) for k, m in neurons.masks(neurons.kinds()).items()},
         }
         header = {
-            "format": "safety_circuits.UnsafeOutputDetector",
-            "version": FORMAT_VERSION,
             "arch": neurons.arch.fingerprint(),
             "neurons": {"name": neurons.name, "metadata": dict(neurons.metadata)},
             "intercept": self.intercept_,
@@ -337,9 +330,7 @@ class UnsafeOutputDetector:
             "max_iter": self.max_iter,
             "config": self.config,
         }
-        with atomic_file(path) as tmp:
-            save_file(tensors, tmp, metadata={"safety_circuits": json.dumps(header)})
-        return path
+        return save_tensors(path, tensors, "UnsafeOutputDetector", header)
 
     @classmethod
     def load(
@@ -347,13 +338,8 @@ class UnsafeOutputDetector:
     ) -> UnsafeOutputDetector:
         """Read a file written by :meth:`save`; with ``expect``, check it fits that model."""
         path = Path(path)
+        tensors, header = load_tensors(path, "UnsafeOutputDetector")
         try:
-            tensors = load_file(path)
-            with open(path, "rb") as f:
-                raw = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            header = json.loads(raw["__metadata__"]["safety_circuits"])
-            if header.get("format") != "safety_circuits.UnsafeOutputDetector":
-                raise ValueError("not an UnsafeOutputDetector file")
             arch = Architecture.from_dict(header["arch"])
             masks = {k: tensors[f"mask.{k}"].bool() for k in KINDS if f"mask.{k}" in tensors}
             neurons = NeuronSet.from_masks(
@@ -373,9 +359,7 @@ class UnsafeOutputDetector:
             detector.config = dict(header["config"])
             if len(detector.coef_) != len(neurons):
                 raise ValueError(f"{len(detector.coef_)} weights for {len(neurons)} neurons")
-        except FileNotFoundError:
-            raise
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a valid UnsafeOutputDetector file: {e}") from e
         if expect is not None:
             check_arch(arch, getattr(expect, "arch", expect), f"detector file {path.name}")
