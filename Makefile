@@ -40,3 +40,6 @@ bench-forward: $(STAMP)
 
 bench-importance: $(STAMP)
 	$(PY) benchmarks/bench_importance.py
+
+bench-patching: $(STAMP)
+	$(PY) benchmarks/bench_patching.py
