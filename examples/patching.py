@@ -17,8 +17,8 @@ a folder written by the SN-Tune example) and the original SmolLM2-135M-Instruct 
    model's own greedy answers, evaluated (AUROC) on AdvBench *eval* + harmless *eval*; then the
    runtime monitor redirecting flagged prompts.
 
-Run: ``.venv/bin/python examples/patching.py --aligned runs/sn_tune/model`` (about 20 minutes on
-2 CPU cores; ``--quick``: about 5). Writes ``runs/patching/`` (report.html, summary.json,
+Run after ``make demo``: ``.venv/bin/python examples/patching.py --aligned runs/demo/models/sn_tune``
+(about 20 minutes on 2 CPU cores; ``--quick``: about 5). Writes ``runs/patching/`` (report.html, summary.json,
 patching_curve.json, the contrast scores, the safety neuron set and the detector).
 """
 
