@@ -80,3 +80,23 @@ def test_answers_harmful_requests(smollm2):
     result = attack_success_rate(smollm2["hooked"], prompts, max_new_tokens=32, progress=False)
     print(f"SmolLM2 ASR on {len(prompts)} HarmBench test behaviours: {result.rate:.2f}")
     assert result.rate >= 0.75
+
+
+def test_sn_tune_changes_only_the_owned_slices(smollm2):
+    """SN-Tune on the real model: every weight outside the neurons' HF slices is bit-identical."""
+    from safety_circuits.neurons import hf_masks
+    from safety_circuits.tuning import refusal_documents, sn_tune
+
+    subject = smollm2["hooked"]
+    rng = np.random.default_rng(0)
+    neurons = NeuronSet(subject.arch, {(29, "ffn"): rng.choice(1536, 20, replace=False), (28, "o"): [3, 64]})
+    docs = refusal_documents(data.harmbench("val")[:8])
+    result = sn_tune(subject, neurons, docs, lr=1e-3, batch_size=8, progress=False)
+    masks = hf_masks(neurons, subject)
+    tuned = dict(result.subject.hf.named_parameters())
+    for name, before in subject.hf.named_parameters():
+        owned = masks.get(name, torch.zeros_like(before, dtype=torch.bool))
+        assert torch.equal(tuned[name][~owned], before[~owned]), name
+        assert owned.any() == (not torch.equal(tuned[name], before)), name
+    ids = subject.tokenizer("Hello there", return_tensors="pt")["input_ids"]
+    assert torch.allclose(result.subject.tl(ids), result.subject.hf(ids).logits, atol=1e-4)
