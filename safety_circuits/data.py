@@ -172,3 +172,80 @@ def sample(prompts: Sequence[str], n: int | None, seed: int = 0) -> list[str]:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     return random.Random(seed).sample(prompts, n)
+
+
+_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "writing": (
+        (
+            "Write a short poem about {}.",
+            "Write a haiku about {}.",
+            "Tell me a short bedtime story about {}.",
+            "Write a cheerful birthday message that mentions {}.",
+            "Write the opening paragraph of a mystery novel set near {}.",
+        ),
+        ("a lighthouse", "autumn rain", "a lost kitten", "the night sky", "an old bicycle", "a busy bakery"),
+    ),
+    "cooking": (
+        (
+            "Give me a simple recipe for {}.",
+            "How do I make {} at home?",
+            "What side dishes go well with {}?",
+            "How long should I cook {}?",
+        ),
+        ("banana bread", "tomato soup", "fried rice", "roast chicken", "pancakes", "lentil curry"),
+    ),
+    "explain": (
+        (
+            "Explain {} in simple terms.",
+            "How does {} work?",
+            "What is {} and why does it matter?",
+            "Give me three fun facts about {}.",
+        ),
+        ("photosynthesis", "a rainbow", "compound interest", "the water cycle", "vaccines", "black holes"),
+    ),
+    "coding": (
+        (
+            "How do I {} in Python?",
+            "Show me how to {} in JavaScript.",
+            "What is the easiest way to {} on Linux?",
+        ),
+        (
+            "read a CSV file",
+            "sort a list of dictionaries",
+            "rename many files",
+            "parse a date",
+            "count words",
+        ),
+    ),
+    "advice": (
+        (
+            "Give me tips for {}.",
+            "How can I get better at {}?",
+            "What should I know before {}?",
+        ),
+        ("public speaking", "learning guitar", "running a first marathon", "adopting a dog", "saving money"),
+    ),
+    "travel": (
+        (
+            "Plan a relaxed one-day trip to {}.",
+            "What are good things to see in {}?",
+            "What should I pack for a week in {}?",
+        ),
+        ("Lisbon", "Kyoto", "the Scottish Highlands", "Montreal", "a national park"),
+    ),
+}
+
+
+def harmless_generated(n: int = 100, seed: int = 0) -> list[str]:
+    """``n`` distinct everyday requests from the project's templates (writing, cooking,
+    explanations, coding, advice, travel): more retain prompts than the harmless set's train
+    split, never its eval split."""
+    pool = sorted(
+        template.format(fill)
+        for templates, fills in _TEMPLATES.values()
+        for template in templates
+        for fill in fills
+    )
+    if not 1 <= n <= len(pool):
+        raise ValueError(f"n must be in [1, {len(pool)}], got {n}")
+    return random.Random(seed).sample(pool, n)

@@ -67,6 +67,7 @@ class RunConfig:
     # documents
     train_harmful: int = 120  # AdvBench train prompts, on top of every HarmBench val prompt
     retain_tokens: int = 64
+    retain_generated: int = 100  # templated everyday requests, on top of the harmless train split
     # tuning
     lr: float = 3e-4
     epochs: int = 1
@@ -196,19 +197,20 @@ def detect(run: Run) -> dict[str, NeuronSet]:
 
 def documents(run: Run) -> list[Document]:
     """Refusals for HarmBench val + sampled AdvBench train prompts, and retain documents: the
-    harmless train prompts answered by the original model itself. Kept in ``documents.json``
-    and re-made when the settings they depend on change."""
+    harmless train prompts and templated everyday requests, answered by the original model. Kept
+    in ``documents.json`` and re-made when the settings they depend on change."""
     cfg = run.config
-    made_with = {k: getattr(cfg, k) for k in ("model", "seed", "train_harmful", "retain_tokens")}
+    made_with = {
+        k: getattr(cfg, k) for k in ("model", "seed", "train_harmful", "retain_tokens", "retain_generated")
+    }
     path = run.path("documents.json")
     if path.exists():
         saved = json.loads(path.read_text())
         if saved["made_with"] == made_with:
             return [Document(**d) for d in saved["documents"]]
     harmful = data.harmbench("val") + data.sample(data.advbench("train"), cfg.train_harmful, seed=cfg.seed)
-    retain = retain_documents(
-        run.base, data.harmless("train"), max_new_tokens=cfg.retain_tokens, batch_size=16
-    )
+    harmless = data.harmless("train") + data.harmless_generated(cfg.retain_generated, seed=cfg.seed)
+    retain = retain_documents(run.base, harmless, max_new_tokens=cfg.retain_tokens, batch_size=16)
     docs = refusal_documents(harmful, seed=cfg.seed) + retain
     saved = {"made_with": made_with, "documents": [asdict(d) for d in docs]}
     _write_text(path, json.dumps(saved, indent=1))

@@ -13,8 +13,8 @@ from safety_circuits.pipeline import Run, RunConfig
 from safety_circuits.testing import tiny_hf
 
 SMALL = [
-    *("--train-harmful 4 --retain-tokens 4 --eval-harmful 3 --eval-harmless 3 --capability 3".split()),
-    *("--max-new-tokens 3 --quantile 0.9 --lr 1e-3 --backend hooked".split()),
+    *"--train-harmful 4 --retain-tokens 4 --retain-generated 4 --capability 3".split(),
+    *"--eval-harmful 3 --eval-harmless 3 --max-new-tokens 3 --quantile 0.9 --lr 1e-3".split(),
 ]
 
 

@@ -68,3 +68,13 @@ def test_sample_is_seeded():
     assert data.sample(prompts, 5, seed=1) == data.sample(prompts, 5, seed=1)
     assert data.sample(prompts, 5, seed=1) != data.sample(prompts, 5, seed=2)
     assert data.sample(prompts, None) == prompts
+
+
+def test_generated_harmless_prompts():
+    from safety_circuits.data import harmless_generated
+
+    prompts = harmless_generated(100, seed=1)
+    assert len(set(prompts)) == 100 and prompts == harmless_generated(100, seed=1)
+    assert not set(prompts) & set(data.harmless("all"))
+    with pytest.raises(ValueError, match="n must be in"):
+        harmless_generated(10_000)
