@@ -62,18 +62,18 @@ class RunConfig:
     backend: Backend = "hooked"
     seed: int = 0
     # detection (HarmBench val)
-    positions: Positions = "user"
-    quantile: float = 0.99
+    positions: Positions = "all"
+    quantile: float = 0.98
     # documents
     train_harmful: int = 120  # AdvBench train prompts, on top of every HarmBench val prompt
-    retain_tokens: int = 64
-    retain_generated: int = 100  # templated everyday requests, on top of the harmless train split
+    retain_tokens: int = 48
+    retain_generated: int = 0  # templated everyday requests, on top of the harmless train split
     # tuning
     lr: float = 3e-4
-    epochs: int = 1
+    epochs: int = 2
     batch_size: int = 8
     mechanism: Mechanism = "delta"
-    retain_kl: float = 1.0
+    retain_kl: float = 3.0
     controls: bool = True
     # evaluation
     eval_harmful: int = 50
