@@ -246,6 +246,6 @@ def harmless_generated(n: int = 100, seed: int = 0) -> list[str]:
         for template in templates
         for fill in fills
     )
-    if not 1 <= n <= len(pool):
-        raise ValueError(f"n must be in [1, {len(pool)}], got {n}")
+    if not 0 <= n <= len(pool):
+        raise ValueError(f"n must be in [0, {len(pool)}], got {n}")
     return random.Random(seed).sample(pool, n)

@@ -76,5 +76,6 @@ def test_generated_harmless_prompts():
     prompts = harmless_generated(100, seed=1)
     assert len(set(prompts)) == 100 and prompts == harmless_generated(100, seed=1)
     assert not set(prompts) & set(data.harmless("all"))
+    assert harmless_generated(0) == []
     with pytest.raises(ValueError, match="n must be in"):
         harmless_generated(10_000)
