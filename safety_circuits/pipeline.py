@@ -108,6 +108,7 @@ class RunConfig:
             batch_size=self.batch_size,
             seed=self.seed,
             mechanism=self.mechanism,
+            retain_kl=self.retain_kl,
         )
 
 

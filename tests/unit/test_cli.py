@@ -72,3 +72,15 @@ def test_bad_config():
     with pytest.raises(ValueError, match="unknown run config keys"):
         RunConfig.from_dict({"lr": 1e-3, "learning_rate": 1})
     assert RunConfig.from_dict(RunConfig(lr=1e-3).to_dict()) == RunConfig(lr=1e-3)
+
+
+def test_tune_config_carries_every_tuning_setting():
+    from dataclasses import fields
+
+    from safety_circuits.tuning import TuneConfig
+
+    config = RunConfig(lr=1e-3, epochs=3, batch_size=4, seed=7, mechanism="mask", retain_kl=2.5)
+    tune = config.tune_config()
+    for f in fields(TuneConfig):
+        if hasattr(config, f.name):
+            assert getattr(tune, f.name) == getattr(config, f.name), f.name
