@@ -17,7 +17,7 @@ import copy
 import importlib.util
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,7 +80,8 @@ class Architecture:
     gated_mlp: bool
     attn_bias: bool
     mlp_bias: bool
-    tied_embeddings: bool
+    # recorded, but not compared: untying (weight orthogonalization) leaves every neuron in place
+    tied_embeddings: bool = field(compare=False)
 
     @property
     def n_rep(self) -> int:

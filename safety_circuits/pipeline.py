@@ -342,6 +342,10 @@ def report(run: Run) -> Path:
     deactivation = _read(run, "deactivation.csv")
     if deactivation is not None:
         sections.append(("Deactivation on the SN-Tuned model (paper Table 1)", [deactivation]))
+    timings = _read(run, "timings.csv")
+    if timings is not None:
+        total = timings["seconds"].sum()
+        sections.append(("Time per stage (seconds)", [f"Total {total:.0f} s.", timings]))
     responses = _read(run, "responses.csv")
     if responses is not None:
         sections.append(("Responses to held-out harmful prompts (first 10)", [responses]))
@@ -354,9 +358,13 @@ def _read(run: Run, name: str) -> pd.DataFrame | None:
 
 
 def run_all(run: Run) -> Path:
-    """Every stage in order; returns the report's path."""
-    detect(run)
-    tune_models(run)
-    evaluate_models(run)
-    deactivate(run)
+    """Every stage in order (wall-clock seconds of each in ``results/timings.csv``); returns the
+    report's path."""
+    rows = []
+    for stage in (detect, tune_models, evaluate_models, deactivate):
+        start = time.perf_counter()
+        stage(run)
+        rows.append({"stage": stage.__name__, "seconds": round(time.perf_counter() - start, 1)})
+        logger.info("stage %s: %.0f s", stage.__name__, rows[-1]["seconds"])
+    _write_csv(run.path("results", "timings.csv"), pd.DataFrame(rows))
     return report(run)

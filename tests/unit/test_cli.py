@@ -40,6 +40,9 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     deactivation = pd.read_csv(run / "results" / "deactivation.csv")
     assert list(deactivation["setting"]) == ["Origin", "Deact-R", "Deact-SN"]
     assert "<h2>SN-Tune: before and after</h2>" in (run / "report.html").read_text()
+    timings = pd.read_csv(run / "results" / "timings.csv")
+    assert list(timings["stage"]) == ["detect", "tune_models", "evaluate_models", "deactivate"]
+    assert (timings["seconds"] >= 0).all()
     # the tuned folder is a plain HF model that differs from the original only in the neurons' slices
     tuned = AutoModelForCausalLM.from_pretrained(run / "models" / "sn_tune")
     original = AutoModelForCausalLM.from_pretrained(model_dir)

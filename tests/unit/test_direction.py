@@ -126,6 +126,7 @@ def test_orthogonalized_weights_equal_the_ablation_hooks(tokenizer, family, back
 
 def test_orthogonalized_model_saves_and_reloads(tokenizer, tmp_path):
     subject = fresh("llama", tokenizer, tied=True)
+    NeuronSet.full(subject.arch).save(tmp_path / "neurons.safetensors")
     r = random_direction(subject.arch.d_model, seed=3)
     x = ids(tokenizer)
     with torch.no_grad(), subject.tl.hooks(fwd_hooks=directional_ablation_hooks(r, subject.arch.n_layers)):
@@ -137,6 +138,8 @@ def test_orthogonalized_model_saves_and_reloads(tokenizer, tmp_path):
     with torch.no_grad():
         assert (again.tl(x) - hooked).abs().max() <= 1e-4
     assert again.arch == subject.arch
+    # untying the embeddings keeps every neuron: a NeuronSet of the tied model still applies
+    assert len(NeuronSet.load(tmp_path / "neurons.safetensors", expect=again)) > 0
 
 
 def test_orthogonalization_refuses_gemma2_and_bad_directions(tokenizer):

@@ -181,3 +181,39 @@ def test_retain_kl_keeps_the_model_closer_on_retain_documents(make_subject):
     assert kl_after(10.0) < kl_after(0.0)
     with pytest.raises(ValueError, match="inplace"):
         sn_tune(subject, neurons, docs, retain_kl=1.0, inplace=True, progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gpt2"])
+def test_logits_at_equal_the_full_forward_at_the_chosen_positions(make_subject, family):
+    subject = make_subject(family)
+    encoded = encode_documents(subject, DOCS)
+    input_ids, mask, labels = tuning_module._right_pad(encoded, subject.tokenizer.pad_token_id, "cpu")
+    where = labels[:, 1:] != -100
+    assert subject.hf.config.model_type != "gemma2" or subject.hf.config.final_logit_softcapping
+    with torch.no_grad():
+        full = subject.hf(input_ids=input_ids, attention_mask=mask).logits[:, :-1][where]
+        some = tuning_module.logits_at(subject.hf, input_ids, mask, where)
+    assert some.shape == (int(where.sum()), full.shape[-1])
+    torch.testing.assert_close(some, full, atol=1e-5, rtol=1e-5)
+
+
+def test_tuning_loss_equals_the_loss_on_full_logits(make_subject):
+    subject = make_subject("llama")
+    other_hf = tuning_module.copy.deepcopy(subject.hf)
+    with torch.no_grad():
+        for p in other_hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    encoded = encode_documents(subject, DOCS)
+    input_ids, mask, labels = tuning_module._right_pad(encoded, subject.tokenizer.pad_token_id, "cpu")
+    retain = torch.tensor([d.kind == "retain" for d in DOCS])
+    with torch.no_grad():
+        logits = other_hf(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        ref = subject.hf(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+        keep = mask[:, 1:].bool() & retain[:, None]
+        kl = tuning_module._kl(ref[keep], logits[keep])
+        assert kl > 1e-4
+        got = tuning_module.tuning_loss(other_hf, subject.hf, input_ids, mask, labels, retain, 2.0)
+        no_kl = tuning_module.tuning_loss(other_hf, subject.hf, input_ids, mask, labels, retain)
+    torch.testing.assert_close(got, ce + 2.0 * kl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(no_kl, ce, atol=1e-5, rtol=1e-5)
