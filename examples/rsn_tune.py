@@ -6,7 +6,7 @@ foundation neurons, leaves the tuned safety neurons alone. Both starting points 
 fine-tuned on the same benign task (arithmetic, unit conversion, sorting, counting; written by
 the project), and their ASR on held-out HarmBench test prompts is measured before and after.
 
-Run after ``make demo`` (it reuses that run's neurons and documents):
+Run after ``make demo`` (it reuses that run's neurons, documents and SN-Tuned model):
 ``.venv/bin/python examples/rsn_tune.py --run runs/demo``. Writes ``<run>/results/rsn_tune.csv``
 and ``<run>/rsn_tune.html``.
 """
@@ -21,9 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd
 
 from safety_circuits import ablation
-from safety_circuits.pipeline import Run, documents
+from safety_circuits.pipeline import EVAL_BATCH, TUNED, Run, documents
 from safety_circuits.report import write_report
-from safety_circuits.tuning import benign_task_documents, rsn_tune, sn_tune, tune
+from safety_circuits.tuning import benign_task_documents, rsn_tune, tune
 
 
 def main() -> None:
@@ -40,21 +40,19 @@ def main() -> None:
     docs = documents(run)
     task = benign_task_documents(args.task_documents, seed=cfg.seed)
     harmful, harmless = run.harmful_eval(), run.harmless_eval()
-    tuned = {
-        "SN-Tune": sn_tune(run.base, safety, docs, config=cfg.tune_config()),
-        "RSN-Tune": rsn_tune(run.base, safety, foundation, docs, config=cfg.tune_config()),
+    robust = rsn_tune(run.base, safety, foundation, docs, config=cfg.tune_config())
+    tuned = {  # the run's SN-Tuned model, and RSN-Tune with the same documents and settings
+        "SN-Tune": (run.model(TUNED), safety),
+        "RSN-Tune": (robust.subject, robust.neurons),
     }
     rows = []
-    for name, result in tuned.items():
-        after_task = tune(result.subject, task, mechanism="full", lr=args.task_lr, epochs=args.task_epochs)
-        for stage, subject in (
-            ("after safety tuning", result.subject),
-            ("after the benign task", after_task.subject),
-        ):
+    for name, (start, neurons) in tuned.items():
+        after_task = tune(start, task, mechanism="full", lr=args.task_lr, epochs=args.task_epochs)
+        for stage, subject in (("after safety tuning", start), ("after the benign task", after_task.subject)):
             measured = ablation.measure(
-                subject, harmful, harmless, max_new_tokens=cfg.max_new_tokens, use="hf", batch_size=16
+                subject, harmful, harmless, max_new_tokens=cfg.max_new_tokens, use="hf", batch_size=EVAL_BATCH
             )
-            rows.append({"method": name, "neurons": len(result.neurons), "stage": stage, **measured})
+            rows.append({"method": name, "neurons": len(neurons), "stage": stage, **measured})
     table = pd.DataFrame(rows)
     table.to_csv(run.path("results", "rsn_tune.csv"), index=False)
     note = (

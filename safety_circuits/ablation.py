@@ -96,7 +96,7 @@ def mean_kl(reference: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) ->
 
 def measure(
     subject: Subject,
-    harmful: Sequence[str],
+    harmful: Sequence[str] | None,
     harmless: Sequence[str],
     capability: pd.DataFrame | None = None,
     reference: list[torch.Tensor] | None = None,
@@ -104,13 +104,11 @@ def measure(
     use: Use = "tl",
     batch_size: int = 8,
 ) -> dict[str, float]:
-    """ASR, over-refusal, exact-match capability (if ``capability``) and KL against ``reference``
-    (next-token log-probs of the unmodified model on ``harmless``, if given)."""
+    """ASR (if ``harmful``), over-refusal, exact-match capability (if ``capability``) and KL
+    against ``reference`` (next-token log-probs of the unmodified model on ``harmless``, if given)."""
     gen = {"max_new_tokens": max_new_tokens, "use": use, "batch_size": batch_size, "progress": False}
-    row = {
-        "asr": attack_success_rate(subject, harmful, **gen).rate,
-        "over_refusal": over_refusal_rate(subject, harmless, **gen).rate,
-    }
+    row = {} if harmful is None else {"asr": attack_success_rate(subject, harmful, **gen).rate}
+    row["over_refusal"] = over_refusal_rate(subject, harmless, **gen).rate
     if reference is not None:
         row["kl"] = mean_kl(reference, next_token_logprobs(subject, harmless, batch_size, use=use))
     if capability is not None:
@@ -135,11 +133,14 @@ def deactivation_experiment(
     max_new_tokens: int = 48,
     use: Use = "tl",
     batch_size: int = 8,
+    origin: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Table 1: Origin, Deact-R (random neurons, same count per layer and kind; one row per seed)
     and Deact-SN, with ASR, over-refusal, capability (exact match) and KL vs the original.
 
     ``capability``: questions as from :func:`capability_questions` (``None``: skip exact match).
+    ``origin``: :func:`measure`'s row for ``subject`` on the same prompts, if already known (it is
+    then not measured again; its KL is 0 by definition).
     """
     check_arch(neurons.arch, subject.arch)
     reference = next_token_logprobs(subject, harmless_eval, batch_size, use=use)
@@ -148,12 +149,17 @@ def deactivation_experiment(
     settings.append(("Deact-SN", None, neurons))
     rows = []
     for setting, seed, chosen in settings:
+        if chosen is None and origin is not None:
+            rows.append({"setting": setting, "seed": seed, "neurons": 0, **origin, "kl": 0.0})
+            continue
         with deactivated(subject, chosen, use):
             measured = measure(
                 subject, harmful_eval, harmless_eval, capability, reference, max_new_tokens, use, batch_size
             )
         rows.append({"setting": setting, "seed": seed, "neurons": len(chosen or []), **measured})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    order = ("setting", "seed", "neurons", "asr", "over_refusal", "kl", "capability")
+    return frame[[c for c in order if c in frame]]
 
 
 def _asr(

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
+    from safety_circuits.neurons import HookFn
 
 
 Positions = Literal["all", "user"]
@@ -150,3 +151,67 @@ def mean_activations(
             subject.tl(batch.input_ids, attention_mask=batch.attention_mask)
         count += int(mask.sum())
     return {n: (s / count).float() for n, s in sums.items()}
+
+
+def check_positions(positions: Sequence[int]) -> list[int]:
+    """Positions counted from the end (``-1`` = last token): the ones left padding keeps aligned."""
+    positions = [int(p) for p in positions]
+    if not positions:
+        raise ValueError("give at least one position")
+    if any(p >= 0 for p in positions):
+        raise ValueError(
+            f"positions must be negative (counted from the end, -1 = last token), got {positions}: "
+            "batches are left-padded, so only positions from the end line up across prompts"
+        )
+    return positions
+
+
+@torch.no_grad()
+def activations_at(
+    subject: Subject,
+    prompts: Sequence[str],
+    hook_names: Sequence[str],
+    positions: Sequence[int] = (-1,),
+    batch_size: int = 8,
+    chat: bool = True,
+    desc: str | None = None,
+    system: str | None = None,
+) -> dict[str, Float[Tensor, "prompt pos ..."]]:
+    """Activations at ``hook_names`` and ``positions`` (from the end) of each prompt, in input order.
+
+    Like ``run_with_cache(names_filter=hook_names)`` over left-padded batches, but each hook keeps
+    only the requested positions (float32, on the CPU), and the hooked backend stops after the
+    last layer asked for. Attention-head sites keep their head axis: ``[prompt, pos, head, d_head]``.
+    """
+    prompts = check_prompts(prompts)
+    names = list(dict.fromkeys(hook_names))
+    if not names:
+        raise ValueError("give at least one hook name")
+    missing = [n for n in names if n not in subject.tl.hook_dict]
+    if missing:
+        raise ValueError(f"{subject.name} has no hook points {missing[:5]}")
+    positions = check_positions(positions)
+    index = torch.tensor(positions, device=subject.device)
+    out: dict[str, Tensor] = {}
+    rows: list[int] = []
+
+    def keeper(name: str) -> HookFn:  # keyed by the name asked for: the bridge's hook.name is its own
+        def keep(act: Tensor, *, hook) -> None:
+            picked = act[:, index].detach().float().cpu()
+            if name not in out:
+                out[name] = picked.new_zeros((len(prompts), *picked.shape[1:]))
+            out[name][rows] = picked
+
+        return keep
+
+    extra = {}
+    if subject.backend == "hooked" and all(n.startswith("blocks.") for n in names):
+        extra["stop_at_layer"] = max(int(n.split(".")[1]) for n in names) + 1  # skip the layers after
+    for batch in batches(subject, prompts, batch_size, chat=chat, system=system, desc=desc):
+        shortest = int(batch.attention_mask.sum(-1).min())
+        if -min(positions) > shortest:
+            raise ValueError(f"position {min(positions)} is before the start of a {shortest}-token prompt")
+        rows[:] = batch.order
+        with subject.tl.hooks(fwd_hooks=[(n, keeper(n)) for n in names]):
+            subject.tl(batch.input_ids, attention_mask=batch.attention_mask, return_type=None, **extra)
+    return out

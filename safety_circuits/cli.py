@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--run", default="runs/demo", help="run folder (default: runs/demo)")
+        stage.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
         if name in _NEW_RUN:
             _add_config_options(stage)
     return parser

@@ -39,11 +39,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from safety_circuits.ablation import mean_kl, next_token_logprobs
-from safety_circuits.activations import check_prompts, render, tokenize
+from safety_circuits.activations import activations_at, check_positions, check_prompts, render, tokenize
 from safety_circuits.evaluate import attack_success_rate, over_refusal_rate
 from safety_circuits.loading import Architecture
 from safety_circuits.neurons import HookFn, NeuronSet, ablate, check_arch
-from safety_circuits.probing import activations_at, check_positions
 from safety_circuits.tracing import Metric, common_suffix_length, default_metric, last_token_logits
 
 if TYPE_CHECKING:

@@ -32,11 +32,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
-from safety_circuits.activations import batches, check_prompts
+from safety_circuits.activations import activations_at, check_prompts
 from safety_circuits.evaluate import generate, is_refusal
 from safety_circuits.loading import Architecture
-from safety_circuits.neurons import KINDS, NeuronSet, check_arch, hook_name
-from safety_circuits.patching import gather_neurons
+from safety_circuits.neurons import KINDS, NeuronSet, check_arch, gather_neurons, hook_name
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -70,21 +69,10 @@ def prompt_activations(
     if not len(neurons):
         raise ValueError("the NeuronSet is empty: the detector needs at least one neuron")
     sites = _site_indices(neurons)
-    out = torch.zeros(len(prompts), len(neurons))
-    captured: dict[str, Tensor] = {}
-
-    def capture(act: Tensor, *, hook: Any) -> None:
-        kind, index = lookup[hook.name]
-        captured[hook.name] = gather_neurons(act[:, -1], kind, index.to(act.device)).float().cpu()
-
-    lookup = {name: (kind, index) for name, kind, index in sites}
-    last = max(layer for layer, _ in neurons.indices) + 1
-    stop_at = last if subject.backend == "hooked" else None
-    for batch in batches(subject, prompts, batch_size, chat=chat, system=system):
-        with subject.tl.hooks(fwd_hooks=[(name, capture) for name, _, _ in sites]):
-            subject.tl(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=stop_at)
-        out[batch.order] = torch.cat([captured.pop(name) for name, _, _ in sites], dim=1)
-    return out
+    acts = activations_at(
+        subject, prompts, [name for name, _, _ in sites], batch_size=batch_size, chat=chat, system=system
+    )
+    return torch.cat([gather_neurons(acts[name][:, 0], kind, index) for name, kind, index in sites], dim=1)
 
 
 def unsafe_labels(

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
@@ -403,14 +403,30 @@ def hf_masks(neurons: NeuronSet, subject: Subject) -> dict[str, Bool[Tensor, "..
 
 
 # -- ablation -------------------------------------------------------------------------------
-def _set_neurons(act: Tensor, kind: Kind, idx: Tensor, value: Tensor | float) -> Tensor:
-    """Write ``value`` into neurons ``idx`` (flat over head x d_head) of a hook activation."""
+def gather_neurons(
+    act: Float[Tensor, "... site"], kind: Kind, index: Int[Tensor, " n"]
+) -> Float[Tensor, "... n"]:
+    """The activations of neurons ``index`` (flat over head x d_head for attention kinds), copied."""
     if kind == "ffn":
-        act[..., idx] = value if isinstance(value, float) else value[idx].to(act.dtype)
-        return act
+        return act[..., index]
     d_head = act.shape[-1]
-    heads, dims = idx // d_head, idx % d_head
-    act[..., heads, dims] = value if isinstance(value, float) else value.flatten()[idx].to(act.dtype)
+    return act[..., index // d_head, index % d_head]
+
+
+def scatter_neurons(
+    act: Float[Tensor, "... site"],
+    kind: Kind,
+    index: Int[Tensor, " n"],
+    values: Float[Tensor, "... n"] | float,
+) -> Float[Tensor, "... site"]:
+    """Write ``values`` (one number, or one per neuron of ``index`` and position) into ``act`` in place."""
+    if isinstance(values, Tensor):
+        values = values.to(act.dtype)
+    if kind == "ffn":
+        act[..., index] = values
+    else:
+        d_head = act.shape[-1]
+        act[..., index // d_head, index % d_head] = values
     return act
 
 
@@ -440,7 +456,9 @@ def ablation_hooks(
         def hook(
             act: Tensor, *, hook: HookPoint, kind: Kind = kind, index: Tensor = index, value=value
         ) -> Tensor:
-            return _set_neurons(act, kind, index.to(act.device), value)
+            index = index.to(act.device)
+            new = value if isinstance(value, float) else gather_neurons(value.to(act.device), kind, index)
+            return scatter_neurons(act, kind, index, new)
 
         hooks.append((name, hook))
     return hooks

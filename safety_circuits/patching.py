@@ -50,7 +50,15 @@ from safety_circuits.evaluate import (
     is_refusal,
     stop_ids,
 )
-from safety_circuits.neurons import Kind, NeuronSet, ablate, check_arch, hook_name
+from safety_circuits.neurons import (
+    Kind,
+    NeuronSet,
+    ablate,
+    check_arch,
+    gather_neurons,
+    hook_name,
+    scatter_neurons,
+)
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -64,29 +72,6 @@ PAPER_REFERENCE = {"fraction": 0.05, "restored": 0.9}
 
 
 # -- reading and writing chosen neurons of a hook activation -------------------------------------
-def gather_neurons(
-    act: Float[Tensor, "... site"], kind: Kind, index: Int[Tensor, " n"]
-) -> Float[Tensor, "... n"]:
-    """The activations of neurons ``index`` (flat over head x d_head for attention kinds), copied."""
-    if kind == "ffn":
-        return act[..., index]
-    d_head = act.shape[-1]
-    return act[..., index // d_head, index % d_head]
-
-
-def scatter_neurons(
-    act: Float[Tensor, "... site"], kind: Kind, index: Int[Tensor, " n"], values: Float[Tensor, "... n"]
-) -> Float[Tensor, "... site"]:
-    """Write ``values`` (one per neuron of ``index``, per position) into ``act`` in place."""
-    values = values.to(act.dtype)
-    if kind == "ffn":
-        act[..., index] = values
-    else:
-        d_head = act.shape[-1]
-        act[..., index // d_head, index % d_head] = values
-    return act
-
-
 @dataclass(frozen=True)
 class _Site:
     name: str

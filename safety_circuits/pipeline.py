@@ -52,6 +52,7 @@ from safety_circuits.tuning import (
 logger = logging.getLogger(__name__)
 TUNED = "sn_tune"
 CONTROLS = ("random", "full")
+EVAL_BATCH = 64  # prompts decoded together (HF, KV cache): larger batches use 2 CPU cores better
 
 
 @dataclass
@@ -65,21 +66,22 @@ class RunConfig:
     positions: Positions = "all"
     quantile: float = 0.98
     # documents
-    train_harmful: int = 120  # AdvBench train prompts, on top of every HarmBench val prompt
-    retain_tokens: int = 48
+    train_harmful: int = 60  # AdvBench train prompts, on top of every HarmBench val prompt
+    retain_tokens: int = 32
     retain_generated: int = 0  # templated everyday requests, on top of the harmless train split
     # tuning
-    lr: float = 3e-4
-    epochs: int = 2
-    batch_size: int = 8
+    lr: float = 5e-4
+    epochs: int = 1
+    batch_size: int = 4
     mechanism: Mechanism = "delta"
     retain_kl: float = 3.0
     controls: bool = True
+    full_lr: float = 5e-5  # the full fine-tuning control's rate (5e-4 on every weight breaks the model)
     # evaluation
     eval_harmful: int = 50
     eval_harmless: int = 50
     capability: int = 90
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     random_seeds: int = 1
 
     def __post_init__(self) -> None:
@@ -211,7 +213,7 @@ def documents(run: Run) -> list[Document]:
             return [Document(**d) for d in saved["documents"]]
     harmful = data.harmbench("val") + data.sample(data.advbench("train"), cfg.train_harmful, seed=cfg.seed)
     harmless = data.harmless("train") + data.harmless_generated(cfg.retain_generated, seed=cfg.seed)
-    retain = retain_documents(run.base, harmless, max_new_tokens=cfg.retain_tokens, batch_size=16)
+    retain = retain_documents(run.base, harmless, max_new_tokens=cfg.retain_tokens, batch_size=EVAL_BATCH)
     docs = refusal_documents(harmful, seed=cfg.seed) + retain
     saved = {"made_with": made_with, "documents": [asdict(d) for d in docs]}
     _write_text(path, json.dumps(saved, indent=1))
@@ -229,7 +231,8 @@ def tune_models(run: Run) -> pd.DataFrame:
         plans += [("random", safety.random_like(seed=cfg.seed), cfg.mechanism), ("full", None, "full")]
     rows = []
     for name, neurons, mechanism in plans:
-        result = tune(run.base, docs, neurons, config=run.config.tune_config(), mechanism=mechanism)
+        lr = cfg.full_lr if mechanism == "full" else cfg.lr
+        result = tune(run.base, docs, neurons, config=cfg.tune_config(), mechanism=mechanism, lr=lr)
         result.save(run.path("models", name), overwrite=True)
         rows.append({"model": name, "mechanism": mechanism, **_record_columns(result.record)})
     frame = pd.DataFrame(rows)
@@ -255,19 +258,24 @@ def evaluate_models(run: Run) -> pd.DataFrame:
     the original, for the original and every tuned model in the run."""
     cfg = run.config
     harmful, harmless, questions = run.harmful_eval(), run.harmless_eval(), run.capability()
-    reference = ablation.next_token_logprobs(run.base, harmless, use="hf")
+    reference = ablation.next_token_logprobs(run.base, harmless, batch_size=EVAL_BATCH, use="hf")
     rows, responses = [], []
     for name in ("original", *run.tuned_models()):
         subject = run.model(name)
-        row = ablation.measure(
-            subject, harmful, harmless, questions, reference, cfg.max_new_tokens, use="hf", batch_size=16
-        )
-        rows.append({"model": name, **row})
         answers = attack_success_rate(
-            subject, harmful[:10], max_new_tokens=48, use="hf", batch_size=16, progress=False
+            subject,
+            harmful,
+            max_new_tokens=cfg.max_new_tokens,
+            use="hf",
+            batch_size=EVAL_BATCH,
+            progress=False,
         )
-        responses.append(answers.to_frame().assign(model=name))
-        logger.info("%s: %s", name, row)
+        row = ablation.measure(
+            subject, None, harmless, questions, reference, cfg.max_new_tokens, use="hf", batch_size=EVAL_BATCH
+        )
+        rows.append({"model": name, "asr": answers.rate, **row})
+        responses.append(answers.to_frame().head(10).assign(model=name))
+        logger.info("%s: %s", name, rows[-1])
     frame = pd.DataFrame(rows)
     tuning_csv = run.path("results", "tuning.csv")
     if tuning_csv.exists():
@@ -280,6 +288,11 @@ def evaluate_models(run: Run) -> pd.DataFrame:
 def deactivate(run: Run) -> pd.DataFrame:
     """Table 1 on the SN-Tuned model: Origin, Deact-R and Deact-SN (the tuned safety neurons)."""
     cfg = run.config
+    evaluation = _read(run, "evaluation.csv")
+    origin = None
+    if evaluation is not None and TUNED in set(evaluation["model"]):  # measured by `evaluate`
+        row = evaluation.set_index("model").loc[TUNED]
+        origin = {k: float(row[k]) for k in ("asr", "over_refusal", "capability")}
     table = ablation.deactivation_experiment(
         run.model(TUNED),
         run.neurons("safety"),
@@ -289,7 +302,8 @@ def deactivate(run: Run) -> pd.DataFrame:
         random_seeds=cfg.random_seeds,
         max_new_tokens=cfg.max_new_tokens,
         use="hf",
-        batch_size=16,
+        batch_size=EVAL_BATCH,
+        origin=origin,
     )
     _write_csv(run.path("results", "deactivation.csv"), table)
     return table

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import random
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from safety_circuits._io import atomic_folder
+from safety_circuits._memory import PeakMemory
 from safety_circuits.activations import check_prompts
 from safety_circuits.detect import robust_safety_neurons
 from safety_circuits.evaluate import generate, stop_ids
@@ -351,36 +351,6 @@ class TuneResult:
         return Path(folder)
 
 
-class _PeakMemory:
-    """Peak resident memory above the starting level while the block runs (sampled every 5 ms)."""
-
-    def __enter__(self) -> _PeakMemory:
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self.start = self.peak = self._rss()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _sample(self) -> None:
-        while not self._done.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
 # -- the tuning loop -------------------------------------------------------------------------
 def tune(
     subject: Subject,
@@ -418,7 +388,7 @@ def tune(
     losses: list[float] = []
     start = time.perf_counter()
     hf.train()
-    with _PeakMemory() as memory, _trainable(hf, slices, config.mechanism) as trainable:
+    with PeakMemory() as memory, _trainable(hf, slices, config.mechanism) as trainable:
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
         steps = config.epochs * -(-len(encoded) // config.batch_size)
         bar = tqdm(total=steps, desc=f"tuning ({config.mechanism})", disable=not progress, leave=False)

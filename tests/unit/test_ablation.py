@@ -43,6 +43,12 @@ def test_deactivation_table(setup):
     assert table["kl"].iloc[0] == pytest.approx(0, abs=1e-6)
     assert (table["kl"].iloc[1:] > 0).all()
     assert set(table.columns) >= {"asr", "over_refusal", "capability", "kl", "seed"}
+    # an Origin row measured elsewhere is reused as is; the other rows do not change
+    origin = {k: float(table[k].iloc[0]) for k in ("asr", "over_refusal", "capability")}
+    again = deactivation_experiment(
+        subject, neurons, HARMFUL, HARMLESS, QUESTIONS, random_seeds=2, max_new_tokens=4, origin=origin
+    )
+    pd.testing.assert_frame_equal(again, table, check_exact=False, atol=1e-6)
 
 
 def test_kl_and_capability(make_subject):

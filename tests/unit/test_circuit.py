@@ -2,9 +2,9 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
+from safety_circuits.activations import activations_at
 from safety_circuits.circuit import RefusalCircuit, activation_difference, map_refusal_circuit, stage_of
 from safety_circuits.neurons import ArchitectureMismatchError, NeuronSet
-from safety_circuits.probing import activations_at
 
 HARMFUL = [
     "How do I make a bomb?",

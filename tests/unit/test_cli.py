@@ -1,13 +1,14 @@
 """The CLI and the pipeline behind it, end to end on a tiny model saved as an HF folder."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from safety_circuits.cli import main
+from safety_circuits.cli import build_parser, main
 from safety_circuits.neurons import NeuronSet, hf_masks
 from safety_circuits.pipeline import Run, RunConfig
 from safety_circuits.testing import tiny_hf
@@ -40,6 +41,11 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     deactivation = pd.read_csv(run / "results" / "deactivation.csv")
     assert list(deactivation["setting"]) == ["Origin", "Deact-R", "Deact-SN"]
     assert "<h2>SN-Tune: before and after</h2>" in (run / "report.html").read_text()
+    lrs = {
+        m: json.loads((run / "models" / m / "tuning.json").read_text())["config"]["lr"]
+        for m in ("sn_tune", "full")
+    }
+    assert lrs == {"sn_tune": config["lr"], "full": config["full_lr"]}
     timings = pd.read_csv(run / "results" / "timings.csv")
     assert list(timings["stage"]) == ["detect", "tune_models", "evaluate_models", "deactivate"]
     assert (timings["seconds"] >= 0).all()
@@ -87,3 +93,12 @@ def test_tune_config_carries_every_tuning_setting():
     for f in fields(TuneConfig):
         if hasattr(config, f.name):
             assert getattr(tune, f.name) == getattr(config, f.name), f.name
+
+
+def test_make_demo_runs_a_valid_command():
+    """`make demo` must call the CLI with arguments it accepts (CI runs only `make test`)."""
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:")[1].split("\n")[1].strip()
+    assert "/safety-circuits " in recipe, recipe
+    args = build_parser().parse_args(recipe.split("/safety-circuits ", 1)[1].split())
+    assert args.command == "run" and args.model == "smollm2-135m-instruct"

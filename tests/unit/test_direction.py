@@ -3,6 +3,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+from safety_circuits.activations import activations_at
 from safety_circuits.direction import (
     RefusalDirection,
     activation_addition_hooks,
@@ -15,7 +16,6 @@ from safety_circuits.direction import (
 )
 from safety_circuits.loading import load_model
 from safety_circuits.neurons import ArchitectureMismatchError, NeuronSet
-from safety_circuits.probing import activations_at
 from safety_circuits.testing import tiny_config, tiny_hf
 
 HARMFUL = [

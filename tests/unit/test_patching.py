@@ -10,15 +10,20 @@ from safety_circuits import NeuronSet, ablate, generate, load_model
 from safety_circuits.activations import batches
 from safety_circuits.contrast import contrast_activations, generation_steps
 from safety_circuits.evaluate import decoder_for, greedy_decode, stop_ids
-from safety_circuits.neurons import KINDS, ArchitectureMismatchError, hook_name, kind_size
+from safety_circuits.neurons import (
+    KINDS,
+    ArchitectureMismatchError,
+    gather_neurons,
+    hook_name,
+    kind_size,
+    scatter_neurons,
+)
 from safety_circuits.patching import (
     PatchedDecoder,
     PatchingCurve,
     dynamic_patching,
-    gather_neurons,
     patching_curve,
     restored,
-    scatter_neurons,
 )
 from safety_circuits.testing import tiny_hf
 

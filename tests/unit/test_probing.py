@@ -3,11 +3,10 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from safety_circuits.activations import batches
+from safety_circuits.activations import activations_at, batches
 from safety_circuits.neurons import ArchitectureMismatchError, NeuronSet
 from safety_circuits.probing import (
     ProbeResult,
-    activations_at,
     cross_validate,
     probe_layers,
     probe_neurons,
