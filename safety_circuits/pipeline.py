@@ -80,7 +80,7 @@ class RunConfig:
     # evaluation
     eval_harmful: int = 50
     eval_harmless: int = 50
-    capability: int = 90
+    capability: int = 180  # all of them: 90 questions move the rate 1.1 points each
     max_new_tokens: int = 16
     random_seeds: int = 1
 
