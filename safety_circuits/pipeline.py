@@ -127,6 +127,7 @@ class Run:
                 )
             config = RunConfig.from_dict(json.loads(saved.read_text()))
         self.config = config
+        self._models: dict[str, Subject] = {}
         self.folder.mkdir(parents=True, exist_ok=True)
         _write_text(saved, json.dumps(config.to_dict(), indent=2))
 
@@ -138,13 +139,16 @@ class Run:
         return load_model(self.config.model, backend=self.config.backend)
 
     def model(self, name: str) -> Subject:
-        """``"original"`` or a tuned model saved under ``models/``."""
+        """``"original"`` or a tuned model saved under ``models/`` (kept in memory once loaded
+        or tuned in this process)."""
         if name == "original":
             return self.base
-        folder = self.path("models", name)
-        if not folder.exists():
-            raise FileNotFoundError(f"{folder} does not exist: run `safety-circuits tune` first")
-        return load_model(folder, backend=self.config.backend)
+        if name not in self._models:
+            folder = self.path("models", name)
+            if not folder.exists():
+                raise FileNotFoundError(f"{folder} does not exist: run `safety-circuits tune` first")
+            self._models[name] = load_model(folder, backend=self.config.backend)
+        return self._models[name]
 
     def neurons(self, name: str) -> NeuronSet:
         path = self.path("neurons", f"{name}.safetensors")
@@ -234,6 +238,7 @@ def tune_models(run: Run) -> pd.DataFrame:
         lr = cfg.full_lr if mechanism == "full" else cfg.lr
         result = tune(run.base, docs, neurons, config=cfg.tune_config(), mechanism=mechanism, lr=lr)
         result.save(run.path("models", name), overwrite=True)
+        run._models[name] = result.subject
         rows.append({"model": name, "mechanism": mechanism, **_record_columns(result.record)})
     frame = pd.DataFrame(rows)
     _write_csv(run.path("results", "tuning.csv"), frame)
@@ -270,10 +275,12 @@ def evaluate_models(run: Run) -> pd.DataFrame:
             batch_size=EVAL_BATCH,
             progress=False,
         )
+        own = None if name == "original" else reference  # the original's KL to itself is 0
         row = ablation.measure(
-            subject, None, harmless, questions, reference, cfg.max_new_tokens, use="hf", batch_size=EVAL_BATCH
+            subject, None, harmless, questions, own, cfg.max_new_tokens, use="hf", batch_size=EVAL_BATCH
         )
-        rows.append({"model": name, "asr": answers.rate, **row})
+        row = {"model": name, "asr": answers.rate, **row, "kl": row.get("kl", 0.0)}
+        rows.append({k: row[k] for k in ("model", "asr", "over_refusal", "kl", "capability")})
         responses.append(answers.to_frame().head(10).assign(model=name))
         logger.info("%s: %s", name, rows[-1])
     frame = pd.DataFrame(rows)
@@ -286,19 +293,19 @@ def evaluate_models(run: Run) -> pd.DataFrame:
 
 
 def deactivate(run: Run) -> pd.DataFrame:
-    """Table 1 on the SN-Tuned model: Origin, Deact-R and Deact-SN (the tuned safety neurons)."""
+    """Table 1 on the SN-Tuned model: Origin, Deact-R and Deact-SN (the tuned safety neurons):
+    ASR, over-refusal and KL against the tuned model (the paper's table is ASR only)."""
     cfg = run.config
     evaluation = _read(run, "evaluation.csv")
     origin = None
     if evaluation is not None and TUNED in set(evaluation["model"]):  # measured by `evaluate`
         row = evaluation.set_index("model").loc[TUNED]
-        origin = {k: float(row[k]) for k in ("asr", "over_refusal", "capability")}
+        origin = {k: float(row[k]) for k in ("asr", "over_refusal")}
     table = ablation.deactivation_experiment(
         run.model(TUNED),
         run.neurons("safety"),
         run.harmful_eval(),
         run.harmless_eval(),
-        capability=run.capability(),
         random_seeds=cfg.random_seeds,
         max_new_tokens=cfg.max_new_tokens,
         use="hf",

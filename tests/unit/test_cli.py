@@ -37,7 +37,8 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     evaluation = pd.read_csv(run / "results" / "evaluation.csv")
     assert list(evaluation["model"]) == ["original", "sn_tune", "random", "full"]
     assert evaluation[["asr", "over_refusal", "capability"]].apply(lambda c: c.between(0, 1)).all().all()
-    assert evaluation.loc[0, "kl"] == pytest.approx(0, abs=1e-6)
+    assert list(evaluation.columns[:5]) == ["model", "asr", "over_refusal", "kl", "capability"]
+    assert evaluation.loc[0, "kl"] == 0 and (evaluation.loc[1:, "kl"] > 0).all()
     deactivation = pd.read_csv(run / "results" / "deactivation.csv")
     assert list(deactivation["setting"]) == ["Origin", "Deact-R", "Deact-SN"]
     assert "<h2>SN-Tune: before and after</h2>" in (run / "report.html").read_text()
