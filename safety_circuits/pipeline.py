@@ -279,8 +279,15 @@ def evaluate_models(run: Run) -> pd.DataFrame:
         row = ablation.measure(
             subject, None, harmless, questions, own, cfg.max_new_tokens, use="hf", batch_size=EVAL_BATCH
         )
-        row = {"model": name, "asr": answers.rate, **row, "kl": row.get("kl", 0.0)}
-        rows.append({k: row[k] for k in ("model", "asr", "over_refusal", "kl", "capability")})
+        rows.append(
+            {
+                "model": name,
+                "asr": answers.rate,
+                "over_refusal": row["over_refusal"],
+                "kl": row.get("kl", 0.0),
+                "capability": row["capability"],
+            }
+        )
         responses.append(answers.to_frame().head(10).assign(model=name))
         logger.info("%s: %s", name, rows[-1])
     frame = pd.DataFrame(rows)
