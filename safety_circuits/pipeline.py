@@ -44,6 +44,7 @@ from safety_circuits.tuning import (
     Document,
     Mechanism,
     TuneConfig,
+    reference_states,
     refusal_documents,
     retain_documents,
     tune,
@@ -52,7 +53,9 @@ from safety_circuits.tuning import (
 logger = logging.getLogger(__name__)
 TUNED = "sn_tune"
 CONTROLS = ("random", "full")
-EVAL_BATCH = 64  # prompts decoded together (HF, KV cache): larger batches use 2 CPU cores better
+EVAL_BATCH = (
+    192  # prompts decoded together (HF, KV cache): a decode step costs 4.3 ms a row at 64, 3.1 at 180
+)
 
 
 @dataclass
@@ -233,10 +236,14 @@ def tune_models(run: Run) -> pd.DataFrame:
     plans: list[tuple[str, NeuronSet | None, Mechanism]] = [(TUNED, safety, cfg.mechanism)]
     if cfg.controls:
         plans += [("random", safety.random_like(seed=cfg.seed), cfg.mechanism), ("full", None, "full")]
+    tune_config = cfg.tune_config()
+    reference = reference_states(run.base, docs, tune_config.max_length) if cfg.retain_kl else None
     rows = []
     for name, neurons, mechanism in plans:
         lr = cfg.full_lr if mechanism == "full" else cfg.lr
-        result = tune(run.base, docs, neurons, config=cfg.tune_config(), mechanism=mechanism, lr=lr)
+        result = tune(
+            run.base, docs, neurons, config=tune_config, mechanism=mechanism, lr=lr, reference=reference
+        )
         result.save(run.path("models", name), overwrite=True)
         run._models[name] = result.subject
         rows.append({"model": name, "mechanism": mechanism, **_record_columns(result.record)})

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from safety_circuits._io import atomic_folder
 from safety_circuits._memory import PeakMemory
-from safety_circuits.activations import check_prompts
+from safety_circuits.activations import check_prompts, hidden_states, lm_head, logits_at
 from safety_circuits.detect import robust_safety_neurons
 from safety_circuits.evaluate import generate, stop_ids
 from safety_circuits.loading import load_model
@@ -359,6 +359,7 @@ def tune(
     config: TuneConfig | None = None,
     inplace: bool = False,
     progress: bool = True,
+    reference: Sequence[Tensor | None] | None = None,
     **overrides: Any,
 ) -> TuneResult:
     """Train ``subject``'s HF model on ``documents``: only ``neurons``' slices, or everything
@@ -367,8 +368,9 @@ def tune(
     The loss is the cross-entropy on the response tokens, plus ``retain_kl`` times the mean
     KL(original || tuned) of the next-token distributions at every token of the ``retain``
     documents (prompt included), which keeps the tuned model close to the original where it
-    should not change. The LM head and the reference model run only where a loss needs them
-    (:func:`logits_at`)."""
+    should not change. The LM head runs only where a loss needs it (:func:`logits_at`); the
+    original model's hidden states on the retain documents come from one pass before training
+    (:func:`reference_states`, or ``reference`` when given)."""
     config = TuneConfig(**{**(config or TuneConfig()).to_dict(), **overrides})
     if config.mechanism != "full":
         if neurons is None:
@@ -380,6 +382,16 @@ def tune(
     if config.retain_kl and inplace:
         raise ValueError("retain_kl needs the original model as a reference: use inplace=False")
     retain = torch.tensor([d.kind == "retain" for d in documents])
+    if config.retain_kl and retain.any():
+        if reference is None:
+            reference = reference_states(subject, documents, config.max_length)
+        if len(reference) != len(encoded) or any(
+            (r is None) != (not keep) or (r is not None and len(r) != len(ids))
+            for r, keep, (ids, _) in zip(reference, retain.tolist(), encoded, strict=True)
+        ):
+            raise ValueError(
+                "reference does not match the documents: use reference_states(subject, documents)"
+            )
     hf = subject.hf if inplace else copy.deepcopy(subject.hf)
     slices = _merged_slices(hf_slices(neurons)) if config.mechanism != "full" else {}
     torch.manual_seed(config.seed)
@@ -389,14 +401,19 @@ def tune(
     start = time.perf_counter()
     hf.train()
     with PeakMemory() as memory, _trainable(hf, slices, config.mechanism) as trainable:
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+        # fused: one pass over each tensor (0.09 s a step for SmolLM2's 135M weights, 0.43 s unfused)
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0, fused=True)
         steps = config.epochs * -(-len(encoded) // config.batch_size)
         bar = tqdm(total=steps, desc=f"tuning ({config.mechanism})", disable=not progress, leave=False)
         for _ in range(config.epochs):
             for batch in _length_buckets([len(ids) for ids, _ in encoded], config.batch_size, order_rng):
                 input_ids, mask, labels = _right_pad([encoded[i] for i in batch], pad, hf.device)
                 rows = retain[batch].to(mask.device)
-                loss = tuning_loss(hf, subject.hf, input_ids, mask, labels, rows, config.retain_kl)
+                ref = None
+                if config.retain_kl and rows.any():
+                    with torch.no_grad():
+                        ref = lm_head(subject.hf, torch.cat([reference[i][:-1] for i in batch if retain[i]]))
+                loss = tuning_loss(hf, input_ids, mask, labels, rows, config.retain_kl, ref)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -440,38 +457,47 @@ def _length_buckets(lengths: Sequence[int], batch_size: int, rng: random.Random)
     return out
 
 
-def logits_at(
-    model: nn.Module, input_ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"], where: Bool[Tensor, "b q"]
-) -> Float[Tensor, "n v"]:
-    """The HF model's next-token logits at the positions ``where`` (``q`` ≤ ``p`` leading
-    positions), in row-major order: the LM head (a fifth of SmolLM2's compute) runs only there.
-    Equal to ``model(input_ids, attention_mask=mask).logits[:, :q][where]``, soft cap included."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, : where.shape[1]][where])
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return logits if cap is None else torch.tanh(logits / cap) * cap
+@torch.no_grad()
+def reference_states(
+    subject: Subject, documents: Sequence[Document], max_length: int = 256, batch_size: int = 16
+) -> list[Tensor | None]:
+    """The final hidden states of ``subject``'s HF model at every token of each ``retain``
+    document (``None`` for the others): the reference of the retain-KL term. :func:`tune` computes
+    them itself; pass them (``reference=``) to share one pass among runs on the same documents."""
+    encoded = encode_documents(subject, documents, max_length)
+    retain = [i for i, d in enumerate(documents) if d.kind == "retain"]
+    states: list[Tensor | None] = [None] * len(documents)
+    pad = subject.tokenizer.pad_token_id
+    for b in range(0, len(retain), batch_size):
+        chunk = retain[b : b + batch_size]
+        input_ids, mask, _ = _right_pad([encoded[i] for i in chunk], pad, subject.hf.device)
+        hidden = hidden_states(subject.hf, input_ids, mask)
+        for row, i in enumerate(chunk):
+            states[i] = hidden[row, : len(encoded[i][0])].clone()
+    return states
 
 
 def tuning_loss(
     model: nn.Module,
-    reference: nn.Module,
     input_ids: Int[Tensor, "b p"],
     mask: Int[Tensor, "b p"],
     labels: Int[Tensor, "b p"],
     retain: Bool[Tensor, " b"],
     retain_kl: float = 0.0,
+    reference: Float[Tensor, "n v"] | None = None,
 ) -> Tensor:
     """Mean cross-entropy of ``model`` on the response tokens, plus ``retain_kl`` times the mean
-    KL(reference || model) of the next-token distributions at every token of the ``retain`` rows."""
+    KL(reference || model) of the next-token distributions at every token of the ``retain`` rows
+    (``reference``: the original model's logits there, in row-major order)."""
     predicts = labels[:, 1:] != -100  # positions whose next token is a response token
     kl_at = mask[:, 1:].bool() & retain[:, None] if retain_kl else torch.zeros_like(predicts)
     where = predicts | kl_at
     logits = logits_at(model, input_ids, mask, where)
     loss = nn.functional.cross_entropy(logits[predicts[where]].float(), labels[:, 1:][predicts])
     if kl_at.any():
-        with torch.no_grad():
-            ref = logits_at(reference, input_ids[retain], mask[retain], kl_at[retain])
-        loss = loss + retain_kl * _kl(ref, logits[kl_at[where]])
+        if reference is None or len(reference) != int(kl_at.sum()):
+            raise ValueError("retain_kl needs the reference logits at every token of the retain rows")
+        loss = loss + retain_kl * _kl(reference, logits[kl_at[where]])
     return loss
 
 

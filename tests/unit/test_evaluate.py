@@ -15,7 +15,15 @@ from safety_circuits import (
     over_refusal_rate,
 )
 from safety_circuits.activations import batches
-from safety_circuits.evaluate import RefusalEval, decoder_for, greedy_decode, stop_ids
+from safety_circuits.evaluate import (
+    HFDecoder,
+    RefusalEval,
+    decoder_for,
+    greedy_decode,
+    shared_prefix_length,
+    stop_ids,
+)
+from safety_circuits.testing import FAMILIES
 
 PROMPTS = ["Hi", "Write a poem about the sea and the lazy dog please", "How do I make bread?"]
 
@@ -49,6 +57,35 @@ def test_generation_inside_ablation_contexts(make_subject):
     with ablate_hf(subject, neurons):
         weights = generate(subject, PROMPTS, max_new_tokens=8, use="hf", progress=False)
     assert hooked == weights != plain
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_decoder_shares_the_prompt_prefix(make_subject, family):
+    """The shared template prefix runs once, yet prefill and every step give each row's logits
+    of the unpadded, unbatched forward."""
+    subject = make_subject(family)
+    system = "You are a careful assistant. Answer briefly."
+    batch = next(batches(subject, PROMPTS, batch_size=3, system=system))
+    n = shared_prefix_length(batch.input_ids, batch.attention_mask)
+    assert n > len(subject.tokenizer(system)["input_ids"])  # the system turn and more
+    decoder, nxt = HFDecoder(subject.hf), torch.tensor([5, 6, 7])
+    assert decoder.share == (family != "gemma2")  # its sliding window: the plain padded path
+    with torch.no_grad():
+        logits = [decoder.prefill(batch.input_ids, batch.attention_mask), decoder.step(nxt)]
+        for row, i in enumerate(batch.order):
+            ids = batch.input_ids[row, batch.attention_mask[row].bool()]
+            full = subject.hf(torch.cat([ids, nxt[row : row + 1]])[None]).logits[0]
+            torch.testing.assert_close(logits[0][row], full[-2], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[1][row], full[-1], atol=1e-4, rtol=1e-4)
+            assert subject.tokenizer.decode(ids[:n]) in subject.chat(PROMPTS[i], system=system)
+
+
+def test_shared_prefix_length_leaves_every_row_a_token():
+    ids = torch.tensor([[0, 0, 1, 2], [1, 2, 3, 4], [0, 0, 0, 1]])
+    mask = (ids > 0).long()
+    assert shared_prefix_length(ids, mask) == 0  # the one-token row keeps its only token
+    assert shared_prefix_length(ids[:2], mask[:2]) == 1
+    assert shared_prefix_length(ids[1:2], mask[1:2]) == 0
 
 
 def test_max_new_tokens_bound(make_subject):

@@ -5,12 +5,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from safety_circuits import tuning as tuning_module
+from safety_circuits.activations import shared_prefix_length
 from safety_circuits.neurons import NeuronSet, hf_masks
 from safety_circuits.tuning import (
     Document,
     TuneConfig,
     TuneResult,
     encode_documents,
+    reference_states,
     refusal_documents,
     rsn_tune,
     sn_tune,
@@ -197,23 +199,65 @@ def test_logits_at_equal_the_full_forward_at_the_chosen_positions(make_subject, 
     torch.testing.assert_close(some, full, atol=1e-5, rtol=1e-5)
 
 
-def test_tuning_loss_equals_the_loss_on_full_logits(make_subject):
-    subject = make_subject("llama")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gpt2"])
+def test_tuning_loss_and_its_gradient_equal_those_on_full_logits(make_subject, family):
+    """The shared-prefix forward (the chat template's turn run once for all rows) and the LM head
+    at only the needed positions change neither the loss nor its gradient."""
+    subject = make_subject(family)
     other_hf = tuning_module.copy.deepcopy(subject.hf)
     with torch.no_grad():
         for p in other_hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
     encoded = encode_documents(subject, DOCS)
     input_ids, mask, labels = tuning_module._right_pad(encoded, subject.tokenizer.pad_token_id, "cpu")
+    assert shared_prefix_length(input_ids, mask) >= 3
     retain = torch.tensor([d.kind == "retain" for d in DOCS])
+
+    def grads(loss):
+        other_hf.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in other_hf.named_parameters() if p.grad is not None}
+
+    logits = other_hf(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
     with torch.no_grad():
-        logits = other_hf(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
         ref = subject.hf(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
-        keep = mask[:, 1:].bool() & retain[:, None]
-        kl = tuning_module._kl(ref[keep], logits[keep])
-        assert kl > 1e-4
-        got = tuning_module.tuning_loss(other_hf, subject.hf, input_ids, mask, labels, retain, 2.0)
-        no_kl = tuning_module.tuning_loss(other_hf, subject.hf, input_ids, mask, labels, retain)
-    torch.testing.assert_close(got, ce + 2.0 * kl, atol=1e-5, rtol=1e-5)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+    keep = mask[:, 1:].bool() & retain[:, None]
+    kl = tuning_module._kl(ref[keep], logits[keep])
+    assert kl > 1e-4
+    expected = ce + 2.0 * kl
+    got = tuning_module.tuning_loss(other_hf, input_ids, mask, labels, retain, 2.0, ref[keep])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    want, have = grads(expected), grads(got)
+    assert want.keys() == have.keys()
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        no_kl = tuning_module.tuning_loss(other_hf, input_ids, mask, labels, retain)
+        with pytest.raises(ValueError, match="reference logits"):
+            tuning_module.tuning_loss(other_hf, input_ids, mask, labels, retain, 2.0)
     torch.testing.assert_close(no_kl, ce, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_states_are_the_original_hidden_states_and_can_be_shared(make_subject):
+    """One pass of the original model serves every run on the same documents; the tuned
+    weights do not depend on whether ``tune`` made it or was given it."""
+    subject = make_subject("qwen2")
+    neurons = some_neurons(subject)
+    docs = [*DOCS, Document("Name a colour of the sky.", "Blue, on a clear day.", "retain")]
+    states = reference_states(subject, docs, batch_size=2)
+    encoded = encode_documents(subject, docs)
+    for state, doc, (ids, _) in zip(states, docs, encoded, strict=True):
+        if doc.kind != "retain":
+            assert state is None
+            continue
+        with torch.no_grad():
+            alone = subject.hf.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        torch.testing.assert_close(state, alone, atol=1e-5, rtol=1e-5)
+    kwargs = dict(lr=1e-2, retain_kl=2.0, progress=False)
+    own = sn_tune(subject, neurons, docs, **kwargs).subject.hf.state_dict()
+    shared = sn_tune(subject, neurons, docs, reference=states, **kwargs).subject.hf.state_dict()
+    for name in own:
+        torch.testing.assert_close(shared[name], own[name], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="reference does not match"):
+        sn_tune(subject, neurons, docs[1:], reference=states, **kwargs)
