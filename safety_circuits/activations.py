@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -109,10 +109,8 @@ def shared_prefix_length(input_ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"]
     """
     if len(input_ids) < 2:
         return 0
-    lengths = mask.sum(-1)
-    shortest = int(lengths.min())
-    start = (mask.cumsum(-1) == 0).sum(-1)  # left padding: row r's k-th real token is at start_r + k
-    cols = start[:, None] + torch.arange(shortest, device=input_ids.device)
+    shortest = int(mask.sum(-1).min())
+    cols = _padding_before(mask) + torch.arange(shortest, device=input_ids.device)
     aligned = input_ids.gather(1, cols)
     same = (aligned == aligned[:1]).all(0).long()
     return min(int(same.cumprod(0).sum()), shortest - 1)
@@ -122,9 +120,23 @@ def to_right_padding(
     input_ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"]
 ) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"]]:
     """A left-padded batch with each row's tokens moved to the front (padding on the right)."""
-    start = (mask.cumsum(-1) == 0).sum(-1, keepdim=True)
-    index = (torch.arange(input_ids.shape[1], device=input_ids.device) + start) % input_ids.shape[1]
+    index = (torch.arange(input_ids.shape[1], device=input_ids.device) + _padding_before(mask)) % mask.shape[
+        1
+    ]
     return input_ids.gather(1, index), mask.gather(1, index)
+
+
+def _padding_before(mask: Int[Tensor, "b p"]) -> Int[Tensor, "b 1"]:
+    """How many padding positions precede each row's first real token."""
+    return (mask.cumsum(-1) == 0).sum(-1, keepdim=True)
+
+
+def prefix_cache(model: nn.Module, prefix: Int[Tensor, " n"], rows: int) -> Any:
+    """``prefix`` run once through the HF model's body; its output's key-value cache is repeated
+    for ``rows`` rows, so that every row of a batch starting with ``prefix`` continues from it."""
+    out = model.base_model(input_ids=prefix[None], use_cache=True)
+    out.past_key_values.batch_repeat_interleave(rows)
+    return out
 
 
 def hidden_states(
@@ -136,11 +148,9 @@ def hidden_states(
     n = shared_prefix_length(input_ids, mask)
     if not n or not bool(mask[:, :n].all()):
         return model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-    first = model.base_model(input_ids=input_ids[:1, :n], use_cache=True)
-    cache = first.past_key_values
-    cache.batch_repeat_interleave(len(input_ids))
+    first = prefix_cache(model, input_ids[0, :n], len(input_ids))
     rest = model.base_model(
-        input_ids=input_ids[:, n:], attention_mask=mask, past_key_values=cache, use_cache=True
+        input_ids=input_ids[:, n:], attention_mask=mask, past_key_values=first.past_key_values, use_cache=True
     )
     return torch.cat([first.last_hidden_state.expand(len(input_ids), -1, -1), rest.last_hidden_state], dim=1)
 

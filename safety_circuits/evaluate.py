@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from safety_circuits.activations import batches, shared_prefix_length
+from safety_circuits.activations import batches, prefix_cache, shared_prefix_length
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -183,9 +183,7 @@ class HFDecoder(Decoder):
         n = shared_prefix_length(input_ids, mask) if self.share else 0
         cache = None
         if n:
-            first = input_ids[0, mask[0].bool()][:n]
-            cache = self.model(first[None], use_cache=True, logits_to_keep=1).past_key_values
-            cache.batch_repeat_interleave(len(input_ids))
+            cache = prefix_cache(self.model, input_ids[0, mask[0].bool()][:n], len(input_ids)).past_key_values
             own = mask.sum(-1, keepdim=True) - n  # each row's tokens after the shared prefix
             width = input_ids.shape[1] - n
             suffix = (torch.arange(width, device=mask.device) >= width - own).long()
