@@ -12,6 +12,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from safety_circuits._kv_cache import cache_kwargs, new_cache
+
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
     from safety_circuits.neurons import HookFn
@@ -131,12 +133,17 @@ def _padding_before(mask: Int[Tensor, "b p"]) -> Int[Tensor, "b 1"]:
     return (mask.cumsum(-1) == 0).sum(-1, keepdim=True)
 
 
-def prefix_cache(model: nn.Module, prefix: Int[Tensor, " n"], rows: int) -> Any:
-    """``prefix`` run once through the HF model's body; its output's key-value cache is repeated
-    for ``rows`` rows, so that every row of a batch starting with ``prefix`` continues from it."""
-    out = model.base_model(input_ids=prefix[None], use_cache=True)
-    out.past_key_values.batch_repeat_interleave(rows)
-    return out
+def prefix_cache(
+    model: nn.Module, prefix: Int[Tensor, " n"], rows: int
+) -> tuple[Float[Tensor, "1 n d"], Any]:
+    """``prefix`` run once through the HF model's body: its final hidden states, and its key-value
+    cache repeated for ``rows`` rows, so that every row of a batch starting with ``prefix``
+    continues from it."""
+    body = model.base_model
+    cache = new_cache(model)
+    hidden = body(input_ids=prefix[None], use_cache=True, **cache_kwargs(body, cache)).last_hidden_state
+    cache.batch_repeat_interleave(rows)
+    return hidden, cache
 
 
 def hidden_states(
@@ -148,11 +155,10 @@ def hidden_states(
     n = shared_prefix_length(input_ids, mask)
     if not n or not bool(mask[:, :n].all()):
         return model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-    first = prefix_cache(model, input_ids[0, :n], len(input_ids))
-    rest = model.base_model(
-        input_ids=input_ids[:, n:], attention_mask=mask, past_key_values=first.past_key_values, use_cache=True
-    )
-    return torch.cat([first.last_hidden_state.expand(len(input_ids), -1, -1), rest.last_hidden_state], dim=1)
+    first, cache = prefix_cache(model, input_ids[0, :n], len(input_ids))
+    body = model.base_model
+    rest = body(input_ids=input_ids[:, n:], attention_mask=mask, use_cache=True, **cache_kwargs(body, cache))
+    return torch.cat([first.expand(len(input_ids), -1, -1), rest.last_hidden_state], dim=1)
 
 
 def lm_head(model: nn.Module, hidden: Float[Tensor, "... d"]) -> Float[Tensor, "... v"]:

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from safety_circuits._kv_cache import cache_kwargs, new_cache
 from safety_circuits.activations import batches, prefix_cache, shared_prefix_length
 
 if TYPE_CHECKING:
@@ -141,28 +142,23 @@ class HookedDecoder(Decoder):
 
 
 class BridgeDecoder(Decoder):
-    """``TransformerBridge``: HF's cache passed through the bridge, positions from the mask."""
+    """``TransformerBridge``: an HF cache passed through the bridge, positions from the mask."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
 
+    def _forward(self, input_ids: Tensor) -> Tensor:
+        hf = self.model.original_model
+        kv = cache_kwargs(hf, self.cache)
+        return self.model(input_ids, attention_mask=self.mask, use_cache=True, **kv)[:, -1]
+
     def prefill(self, input_ids: Tensor, mask: Tensor) -> Tensor:
-        self.mask = mask
-        logits, self.cache = self.model(
-            input_ids, attention_mask=mask, use_cache=True, return_type="logits_and_cache"
-        )
-        return logits[:, -1]
+        self.mask, self.cache = mask, new_cache(self.model.original_model)
+        return self._forward(input_ids)
 
     def step(self, tokens: Tensor) -> Tensor:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        logits, self.cache = self.model(
-            tokens[:, None],
-            attention_mask=self.mask,
-            past_key_values=self.cache,
-            use_cache=True,
-            return_type="logits_and_cache",
-        )
-        return logits[:, -1]
+        return self._forward(tokens[:, None])
 
 
 class HFDecoder(Decoder):
@@ -181,37 +177,30 @@ class HFDecoder(Decoder):
 
     def prefill(self, input_ids: Tensor, mask: Tensor) -> Tensor:
         n = shared_prefix_length(input_ids, mask) if self.share else 0
-        cache = None
-        if n:
-            cache = prefix_cache(self.model, input_ids[0, mask[0].bool()][:n], len(input_ids)).past_key_values
+        if not n:
+            self.cache = new_cache(self.model)
+        else:
+            _, self.cache = prefix_cache(self.model, input_ids[0, mask[0].bool()][:n], len(input_ids))
             own = mask.sum(-1, keepdim=True) - n  # each row's tokens after the shared prefix
             width = input_ids.shape[1] - n
             suffix = (torch.arange(width, device=mask.device) >= width - own).long()
             input_ids, mask = input_ids[:, n:], torch.cat([torch.ones_like(mask[:, :n]), suffix], dim=1)
         self.mask = mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
-        out = self.model(
-            input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.cache = out.past_key_values
-        return out.logits[:, -1]
+        return self._forward(input_ids, (mask.cumsum(-1) - 1).clamp(min=0)[:, n:], logits_to_keep=1)
 
     def step(self, tokens: Tensor) -> Tensor:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        positions = self.mask.sum(-1, keepdim=True) - 1
+        return self._forward(tokens[:, None], self.mask.sum(-1, keepdim=True) - 1)
+
+    def _forward(self, input_ids: Tensor, positions: Tensor, **kwargs: Any) -> Tensor:
         out = self.model(
-            tokens[:, None],
+            input_ids,
             attention_mask=self.mask,
             position_ids=positions,
-            past_key_values=self.cache,
             use_cache=True,
+            **cache_kwargs(self.model, self.cache),
+            **kwargs,
         )
-        self.cache = out.past_key_values
         return out.logits[:, -1]
 
 

@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from safety_circuits._io import atomic_folder
+from safety_circuits._kv_cache import patch_bridge_kv_cache
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +291,7 @@ def _transpose_storage(model: Any) -> None:
 def _build_bridge(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
     from transformer_lens.model_bridge import TransformerBridge
 
+    patch_bridge_kv_cache()
     # The bridge wraps the modules it is given and switches them to eager attention:
     # give it its own copy so the Subject's HF model stays the plain, tunable one.
     bridge_hf = copy.deepcopy(hf_model)

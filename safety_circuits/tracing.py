@@ -46,6 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safety_circuits._kv_cache import cache_kwargs, new_cache
 from safety_circuits.activations import Batch, batches, check_prompts, left_pad, render, tokenize
 from safety_circuits.neurons import KINDS, HookFn, NeuronSet, check_arch, hook_name
 
@@ -363,9 +364,9 @@ class _TargetRuns:
             tl(ids[:, :-k], attention_mask=mask[:, :-k], past_kv_cache=self.cache, return_type=None)
             self.cache.freeze()
         else:
-            _, self.cache = tl(
-                ids[:, :-k], attention_mask=mask[:, :-k], use_cache=True, return_type="logits_and_cache"
-            )
+            self.cache = new_cache(tl.original_model)
+            kv = cache_kwargs(tl.original_model, self.cache)
+            tl(ids[:, :-k], attention_mask=mask[:, :-k], use_cache=True, return_type=None, **kv)
 
     def last_logits(self, hooks: list) -> Float[Tensor, "batch vocab"]:
         tl, k = self.subject.tl, self.k
@@ -374,14 +375,8 @@ class _TargetRuns:
                 return tl(self.ids, attention_mask=self.mask)[:, -1]
             if self.subject.backend == "hooked":
                 return tl(self.ids[:, -k:], attention_mask=self.mask[:, -k:], past_kv_cache=self.cache)[:, -1]
-            logits, _ = tl(
-                self.ids[:, -k:],
-                attention_mask=self.mask,
-                past_key_values=copy.deepcopy(self.cache),
-                use_cache=True,
-                return_type="logits_and_cache",
-            )
-            return logits[:, -1]
+            kv = cache_kwargs(tl.original_model, copy.deepcopy(self.cache))
+            return tl(self.ids[:, -k:], attention_mask=self.mask, use_cache=True, **kv)[:, -1]
 
 
 def _source_run(subject: Subject, batch: Batch, names: Sequence[str], k: int | None) -> tuple[dict, Tensor]:
