@@ -13,9 +13,10 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 
@@ -44,9 +45,16 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad options end in one ``error:`` line (and exit 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="safety-circuits", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser = _Parser(prog="safety-circuits", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
@@ -58,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Any failure ends in one ``error:`` line on stderr and exit code 2
+    (1 for an interrupt); ``-v`` prints the traceback before it."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:  # the hub client's retry messages; its final error still reaches the user
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.command in _NEW_RUN:
@@ -69,9 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = Run(args.run)
         start = time.perf_counter()
         result = STAGES[args.command][0](run)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"safety-circuits {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
+        hint = "" if args.verbose else " (-v shows the traceback)"
+        print(f"safety-circuits {args.command}: error: {message}{hint}", file=sys.stderr)
+        return 1 if isinstance(e, KeyboardInterrupt) else 2
     _summarise(args.command, result, time.perf_counter() - start)
     return 0
 

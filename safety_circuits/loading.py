@@ -388,20 +388,40 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _load_hf(source: str, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _resolve(source: str) -> str:
+    """The local folder or hub id that ``source`` names."""
     if source == SMOLLM2:
-        source = str(smollm2_folder())
+        return str(smollm2_folder())
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
-        source = str(path)
-    elif _hub_offline():
+        return str(path)
+    if _hub_offline():
         raise OSError(
             f"{source!r} is neither a local folder nor the built-in {SMOLLM2!r}, and "
             "HF_HUB_OFFLINE=1 forbids downloading it from the hub"
         )
-    family_of(AutoConfig.from_pretrained(source))
+    return source
+
+
+def check_source(source: str) -> str:
+    """The folder or hub id that ``source`` names, once its config is read and its family is
+    supported; a clear error, before any weights are read, when it names no model that loads here."""
+    resolved = _resolve(source)
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+    except OSError as e:
+        raise OSError(
+            f"{source!r} is not a local model folder or the built-in {SMOLLM2!r}, and reading its "
+            f"config from the hub failed: {e}"
+        ) from e
+    family_of(config)
+    return resolved
+
+
+def _load_hf(source: str, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    source = check_source(source)
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return hf, tokenizer

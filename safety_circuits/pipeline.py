@@ -36,7 +36,7 @@ from safety_circuits.activations import Positions
 from safety_circuits.detect import robust_safety_neurons, select_neurons
 from safety_circuits.evaluate import attack_success_rate
 from safety_circuits.importance import neuron_importance
-from safety_circuits.loading import SMOLLM2, Backend, Subject, load_model
+from safety_circuits.loading import SMOLLM2, Backend, Subject, check_source, load_model
 from safety_circuits.neurons import NeuronSet
 from safety_circuits.report import Block, write_report
 from safety_circuits.tuning import (
@@ -129,6 +129,8 @@ class Run:
                     f"{self.folder} has no config.json: run `safety-circuits detect` first"
                 )
             config = RunConfig.from_dict(json.loads(saved.read_text()))
+        else:
+            check_source(config.model)  # a bad model name fails here, before the folder is written
         self.config = config
         self._models: dict[str, Subject] = {}
         self.folder.mkdir(parents=True, exist_ok=True)

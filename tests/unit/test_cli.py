@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from safety_circuits.cli import build_parser, main
+from safety_circuits.cli import STAGES, build_parser, main
 from safety_circuits.neurons import NeuronSet, hf_masks
 from safety_circuits.pipeline import Run, RunConfig
 from safety_circuits.testing import tiny_hf
@@ -103,3 +103,59 @@ def test_make_demo_runs_a_valid_command():
     assert "/safety-circuits " in recipe, recipe
     args = build_parser().parse_args(recipe.split("/safety-circuits ", 1)[1].split())
     assert args.command == "run" and args.model == "smollm2-135m-instruct"
+
+
+def _one_error_line(capsys, argv: list[str]) -> str:
+    """Run the CLI on bad input: it must exit 2 with exactly one ``error:`` line and no traceback."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own exit for bad options
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_bad_option_is_one_error_line(stage, capsys):
+    assert "unrecognized arguments: --no-such-option" in _one_error_line(capsys, [stage, "--no-such-option"])
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s not in ("detect", "run")])
+def test_missing_run_folder_is_one_error_line(stage, tmp_path, capsys):
+    folder = tmp_path / "missing"
+    line = _one_error_line(capsys, [stage, "--run", str(folder)])
+    assert line.startswith(f"safety-circuits {stage}: error: ") and "has no config.json" in line
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("stage", ["detect", "run"])
+def test_bad_model_name_is_one_error_line_and_writes_nothing(stage, tmp_path, capsys):
+    folder = tmp_path / "new"
+    line = _one_error_line(capsys, [stage, "--run", str(folder), "--model", "nosuch"])
+    assert line.startswith(f"safety-circuits {stage}: error: 'nosuch' is neither a local folder")
+    assert not folder.exists(), "nothing is written for a model that cannot load"
+
+
+def test_model_moved_away_from_a_run_folder_is_one_error_line(tmp_path, capsys):
+    folder = tmp_path / "moved"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model": str(tmp_path / "gone")}))
+    line = _one_error_line(capsys, ["evaluate", "--run", str(folder)])
+    assert line.startswith(
+        f"safety-circuits evaluate: error: '{tmp_path / 'gone'}' is neither a local folder"
+    )
+
+
+def test_bad_option_value_and_verbose_traceback(tmp_path, capsys):
+    line = _one_error_line(capsys, ["run", "--lr", "fast"])
+    assert line == (
+        "safety-circuits run: error: argument --lr: invalid float value: 'fast' "
+        "(see `safety-circuits run --help`)"
+    )
+    assert main(["-v", "tune", "--run", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("safety-circuits tune: error: ")
