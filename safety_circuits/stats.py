@@ -1,0 +1,136 @@
+"""Rates with 95% intervals, and paired comparisons of two models on the same prompts.
+
+A rate measured on ``n`` prompts is a :class:`Rate`: the count, the share and its Wilson score
+interval, which keeps its coverage at the small ``n`` and extreme shares (ASR near 0 or 1) of
+these evaluations, where the normal approximation does not. Two models answering the same
+prompts are compared pairwise: :func:`mcnemar` (exact, on the discordant prompts) and
+:func:`paired_bootstrap` (the interval of the difference of rates, resampling prompts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+
+def _z(confidence: float) -> float:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``k / n``.
+
+    >>> [round(x, 4) for x in wilson_interval(3, 50)]
+    [0.0206, 0.1622]
+    >>> wilson_interval(0, 10)[0]
+    0.0
+    """
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    z = _z(confidence)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``k`` of ``n`` prompts, the share ``k / n`` and its Wilson interval ``[lo, hi]``."""
+
+    k: int
+    n: int
+    lo: float
+    hi: float
+
+    @property
+    def rate(self) -> float:
+        return self.k / self.n
+
+    @classmethod
+    def of(cls, flags: Sequence[bool] | np.ndarray, confidence: float = 0.95) -> Rate:
+        """The rate of ``True`` among ``flags``.
+
+        >>> Rate.of([True, False, False, False])
+        Rate(0.25 [0.05, 0.70], n=4)
+        """
+        flags = np.asarray(flags, dtype=bool)
+        k, n = int(flags.sum()), int(flags.size)
+        return cls(k, n, *wilson_interval(k, n, confidence))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rate": self.rate}
+
+    def __str__(self) -> str:
+        return f"{self.rate:.2f} [{self.lo:.2f}, {self.hi:.2f}]"
+
+    def __repr__(self) -> str:
+        return f"Rate({self}, n={self.n})"
+
+
+def _paired(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or not a.size:
+        raise ValueError(f"paired flags need the same non-empty 1-d shape, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def mcnemar(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray) -> float:
+    """Two-sided exact McNemar p-value that ``a`` and ``b`` (flags on the same prompts) have the
+    same rate: a binomial test on the prompts where they disagree.
+
+    >>> round(mcnemar([1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]), 4)
+    0.0312
+    """
+    a, b = _paired(a, b)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``rate(a) - rate(b)`` on the same prompts, its bootstrap interval and McNemar's p-value."""
+
+    difference: float
+    lo: float
+    hi: float
+    p_value: float
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        """Whether the 95% interval excludes 0."""
+        return self.lo > 0 or self.hi < 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "significant": self.significant}
+
+
+def paired_bootstrap(
+    a: Sequence[bool] | np.ndarray,
+    b: Sequence[bool] | np.ndarray,
+    n_boot: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """The difference of rates of two models on the same prompts, with a percentile bootstrap
+    interval (prompts resampled together for both models) and the exact McNemar p-value."""
+    a, b = _paired(a, b)
+    _z(confidence)
+    diff = a.astype(float) - b.astype(float)
+    rows = np.random.default_rng(seed).integers(0, diff.size, size=(n_boot, diff.size))
+    means = diff[rows].mean(axis=1)
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [tail, 1 - tail])
+    return PairedDifference(float(diff.mean()), float(lo), float(hi), mcnemar(a, b), int(diff.size))

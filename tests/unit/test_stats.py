@@ -1,0 +1,52 @@
+"""Intervals and paired tests against independent computations (scipy) and hand-worked cases."""
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from safety_circuits.stats import Rate, mcnemar, paired_bootstrap, wilson_interval
+
+
+@pytest.mark.parametrize(("k", "n"), [(3, 50), (0, 10), (10, 10), (81, 263), (1, 1)])
+def test_wilson_equals_scipy(k, n):
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+
+
+def test_wilson_textbook_case():
+    """0 successes in 10: the Wilson 95% upper bound is 0.2775 (the 'rule of three' gives 0.3)."""
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(0.27753, abs=1e-5))
+
+
+def test_rate_and_bad_input():
+    rate = Rate.of([True] * 3 + [False] * 47)
+    assert (rate.k, rate.n, rate.rate) == (3, 50, 0.06)
+    assert str(rate) == "0.06 [0.02, 0.16]"
+    assert Rate(**{k: v for k, v in rate.to_dict().items() if k != "rate"}) == rate
+    with pytest.raises(ValueError, match="k <= n"):
+        wilson_interval(5, 4)
+    with pytest.raises(ValueError, match="n >= 1"):
+        Rate.of([])
+    with pytest.raises(ValueError, match="confidence"):
+        wilson_interval(1, 2, confidence=95)
+
+
+def test_mcnemar_equals_binomial_test_on_discordant_pairs():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(80) < 0.5, rng.random(80) < 0.3
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    expected = binomtest(only_a, only_a + only_b, 0.5).pvalue
+    assert mcnemar(a, b) == pytest.approx(expected, rel=1e-12)
+    assert mcnemar(a, a) == 1.0
+
+
+def test_paired_bootstrap():
+    a = np.array([True] * 30 + [False] * 20)
+    b = np.array([False] * 50)
+    result = paired_bootstrap(a, b, n_boot=2000)
+    assert result.difference == pytest.approx(0.6) and result.lo < 0.6 < result.hi
+    assert result.significant and result.p_value < 1e-6
+    same = paired_bootstrap(a, a, n_boot=2000)
+    assert (same.difference, same.lo, same.hi, same.significant) == (0, 0, 0, False)
+    with pytest.raises(ValueError, match="same non-empty"):
+        paired_bootstrap(a, b[:10])
