@@ -195,11 +195,33 @@ def batches(
     ids = tokenize(subject, texts)
     selected = prompt_token_masks(subject, texts, prompts) if positions == "user" else None
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = _chunks(order, [len(x) for x in ids], batch_size)
     for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         input_ids, mask = left_pad([ids[i] for i in chunk], subject.tokenizer.pad_token_id, subject.device)
         chosen = None if selected is None else left_pad([selected[i] for i in chunk], 0, subject.device)[0]
         yield Batch(chunk, input_ids, mask, chosen)
+
+
+#: At most this many padded tokens a batch (rows × longest row), so that a few long prompts
+#: (HarmBench's contextual behaviours) do not pad a whole large batch to their length.
+MAX_BATCH_TOKENS = 16384
+
+
+def _chunks(order: Sequence[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``order`` (ascending lengths) cut into batches of at most ``batch_size`` rows and
+    :data:`MAX_BATCH_TOKENS` padded tokens (a longer single prompt gets a batch of its own).
+
+    >>> _chunks([0, 1, 2, 3], [10, 10, 9000, 9000], batch_size=8)
+    [[0, 1], [2], [3]]
+    """
+    chunks: list[list[int]] = []
+    for i in order:
+        chunk = chunks[-1] if chunks else None
+        if chunk is None or len(chunk) == batch_size or (len(chunk) + 1) * lengths[i] > MAX_BATCH_TOKENS:
+            chunks.append([i])
+        else:
+            chunk.append(i)
+    return chunks
 
 
 @torch.no_grad()
