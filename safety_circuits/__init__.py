@@ -1,13 +1,21 @@
 """safety_circuits: find, test and tune the safety neurons and refusal circuits of LLMs."""
 
-from safety_circuits import data
+from safety_circuits import data, judge, stats
 from safety_circuits.circuit import RefusalCircuit, map_refusal_circuit
 from safety_circuits.contrast import ContrastScores, alignment_tax, contrast_activations
-from safety_circuits.data import advbench, harmbench, harmless
+from safety_circuits.data import Suite, advbench, harmbench, harmless, suite
 from safety_circuits.detect import find_foundation_neurons, find_safety_neurons, robust_safety_neurons
 from safety_circuits.direction import RefusalDirection, find_refusal_direction, orthogonalize_weights
-from safety_circuits.evaluate import attack_success_rate, generate, is_refusal, over_refusal_rate
+from safety_circuits.evaluate import (
+    SuiteEval,
+    attack_success_rate,
+    evaluate_suites,
+    generate,
+    is_refusal,
+    over_refusal_rate,
+)
 from safety_circuits.importance import Importance, neuron_importance
+from safety_circuits.judge import RefusalClassifier
 from safety_circuits.loading import Architecture, Subject, UnsupportedArchitectureError, load_model
 from safety_circuits.monitor import UnsafeOutputDetector, monitor
 from safety_circuits.neurons import (
@@ -44,9 +52,12 @@ __all__ = [
     "Importance",
     "NeuronSet",
     "RefusalCircuit",
+    "RefusalClassifier",
     "RefusalDirection",
     "RefusalMetric",
     "Subject",
+    "Suite",
+    "SuiteEval",
     "TuneConfig",
     "TuneResult",
     "UnsafeOutputDetector",
@@ -59,6 +70,7 @@ __all__ = [
     "contrast_activations",
     "data",
     "dynamic_patching",
+    "evaluate_suites",
     "find_foundation_neurons",
     "find_refusal_direction",
     "find_safety_neurons",
@@ -69,6 +81,7 @@ __all__ = [
     "hf_slices",
     "hook_name",
     "is_refusal",
+    "judge",
     "load_model",
     "map_refusal_circuit",
     "monitor",
@@ -83,5 +96,7 @@ __all__ = [
     "robust_safety_neurons",
     "rsn_tune",
     "sn_tune",
+    "stats",
+    "suite",
     "trace_components",
 ]

@@ -21,6 +21,7 @@ from safety_circuits._kv_cache import cache_kwargs, new_cache
 from safety_circuits.activations import batches, prefix_cache, shared_prefix_length
 
 if TYPE_CHECKING:
+    from safety_circuits.data import EvalSplit, Suite
     from safety_circuits.loading import Subject
 
 Use = Literal["tl", "hf"]
@@ -259,20 +260,35 @@ def generate(
     progress: bool = True,
 ) -> list[str]:
     """Greedy responses to ``prompts`` (rendered with the chat template), in input order."""
+    ids = generate_ids(subject, prompts, max_new_tokens, batch_size, use, chat, system, progress)
+    return [subject.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+
+def generate_ids(
+    subject: Subject,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    use: Use = "tl",
+    chat: bool = True,
+    system: str | None = None,
+    progress: bool = True,
+) -> list[list[int]]:
+    """The token ids of :func:`generate`'s responses, stop and padding tokens removed. Greedy
+    decoding is prefix-consistent: the first ``k`` ids are the response to ``max_new_tokens=k``."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     stop = stop_ids(subject)
     pad = subject.tokenizer.pad_token_id
-    texts: list[str] = [""] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
     desc = f"generating ({use})" if progress else None
     for batch in batches(subject, prompts, batch_size, chat=chat, system=system, desc=desc):
         new = greedy_decode(
             decoder_for(subject, use), batch.input_ids, batch.attention_mask, max_new_tokens, stop, pad
         )
         for row, i in enumerate(batch.order):
-            tokens = [t for t in new[row].tolist() if t not in stop and t != pad]
-            texts[i] = subject.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return texts
+            out[i] = [t for t in new[row].tolist() if t not in stop and t != pad]
+    return out
 
 
 # -- refusal rates ---------------------------------------------------------------------------
@@ -326,3 +342,178 @@ def over_refusal_rate(
 ) -> RefusalEval:
     """Over-refusal on harmless prompts: the share the model refuses."""
     return _refusal_eval("over_refusal", subject, harmless_prompts, **generate_kwargs)
+
+
+# -- held-out suites --------------------------------------------------------------------------
+METRIC = {"harmful": "asr", "harmless": "over_refusal"}
+
+
+def judge_responses(responses: Sequence[str], judge: str = "phrases") -> list[bool]:
+    """Whether each response refuses, by ``judge``: ``"phrases"`` (:func:`is_refusal`, the
+    default: it measures best on held-out human labels) or ``"classifier"`` (the learned
+    refusal classifier); see :mod:`safety_circuits.judge`."""
+    from safety_circuits.judge import refused
+
+    return refused(responses, judge)
+
+
+@dataclass
+class SuiteEval:
+    """Models' judged responses on held-out suites, one row per model and prompt.
+
+    Columns: ``model, suite, kind, metric, group, split, prompt, response, refused, flagged``,
+    with ``flagged`` what the suite's rate counts: an answer on a harmful suite (ASR), a refusal
+    on a harmless one (over-refusal). :meth:`rates` gives every rate with its Wilson 95%
+    interval; :meth:`compare` the paired difference of two models on the same prompts.
+    """
+
+    frame: pd.DataFrame
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def rates(self, by: Sequence[str] = ("model", "suite")) -> pd.DataFrame:
+        """``k`` of ``n`` flagged prompts, the rate and its interval, per group of ``by``."""
+        from safety_circuits.stats import Rate
+
+        rows = []
+        for key, part in self.frame.groupby(list(by), sort=False):
+            rate = Rate.of(part["flagged"])
+            rows.append(
+                {**dict(zip(by, key, strict=True)), "metric": part["metric"].iloc[0], **rate.to_dict()}
+            )
+        return pd.DataFrame(rows)[[*by, "metric", "rate", "lo", "hi", "k", "n"]]
+
+    def compare(self, a: str, b: str, n_boot: int = 10_000) -> pd.DataFrame:
+        """Per suite, model ``a``'s rate minus ``b``'s on the same prompts: the paired bootstrap
+        interval, McNemar's exact p-value, and whether that test is significant at 5%."""
+        from safety_circuits.stats import paired_bootstrap
+
+        keys = ["suite", "prompt"]
+        left = self.frame[self.frame["model"] == a].set_index(keys)["flagged"]
+        right = self.frame[self.frame["model"] == b].set_index(keys)["flagged"]
+        if left.empty or right.empty:
+            raise ValueError(f"no responses of {a if left.empty else b!r}; models: {self.models}")
+        paired = pd.concat({"a": left, "b": right}, axis=1, join="inner").reset_index()
+        rows = []
+        for suite, part in paired.groupby("suite", sort=False):
+            diff = paired_bootstrap(part["a"].to_numpy(bool), part["b"].to_numpy(bool), n_boot=n_boot)
+            rows.append({"suite": suite, "a": a, "b": b, **diff.to_dict()})
+        return pd.DataFrame(rows)
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(self.frame["model"]))
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    @classmethod
+    def concat(cls, evals: Sequence[SuiteEval]) -> SuiteEval:
+        return cls(pd.concat([e.frame for e in evals], ignore_index=True), dict(evals[0].config))
+
+    def plot(self, title: str = "ASR vs over-refusal (pooled test prompts, 95% intervals)"):
+        """Each model's ASR over the harmful suites against its over-refusal over the harmless
+        ones (prompts pooled), with Wilson 95% error bars."""
+        import plotly.graph_objects as go
+
+        pooled = self.rates(by=("model", "kind")).set_index(["model", "kind"])
+        fig = go.Figure()
+        for model in self.models:
+            x, y = pooled.loc[(model, "harmless")], pooled.loc[(model, "harmful")]
+            fig.add_scatter(
+                x=[x["rate"]],
+                y=[y["rate"]],
+                name=model,
+                mode="markers",
+                marker={"size": 11},
+                error_x={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [x["hi"] - x["rate"]],
+                    "arrayminus": [x["rate"] - x["lo"]],
+                },
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [y["hi"] - y["rate"]],
+                    "arrayminus": [y["rate"] - y["lo"]],
+                },
+            )
+        fig.update_layout(
+            title=title, xaxis_title="over-refusal (harmless suites)", yaxis_title="ASR (harmful suites)"
+        )
+        fig.update_xaxes(range=[-0.02, 1.02])
+        fig.update_yaxes(range=[-0.02, 1.02])
+        return fig
+
+    def __repr__(self) -> str:
+        suites = self.frame["suite"].nunique()
+        return f"SuiteEval({len(self.models)} models, {suites} suites, {len(self.frame)} rows)"
+
+
+def _suite_prompts(suites: Sequence[Suite], split: EvalSplit, n: int | None, seed: int) -> pd.DataFrame:
+    """One row per prompt evaluated: ``n`` drawn by ``seed`` from each suite's ``split``."""
+    if not suites:
+        raise ValueError("give at least one suite")
+    parts = []
+    for suite in suites:
+        rows = suite.rows(split)
+        rows = rows.loc[rows["text"].isin(suite.prompts(split, n=n, seed=seed))]
+        parts.append(rows.assign(suite=suite.name, kind=suite.kind, metric=METRIC[suite.kind]))
+    return pd.concat(parts, ignore_index=True).rename(columns={"text": "prompt"})
+
+
+_COLUMNS = ["model", "suite", "kind", "metric", "group", "split", "prompt", "response", "refused", "flagged"]
+
+
+def _judged(frame: pd.DataFrame, responses: list[str], judge: str, model: str) -> pd.DataFrame:
+    frame = frame.assign(model=model, response=responses, refused=judge_responses(responses, judge))
+    frame["flagged"] = frame["refused"] != (frame["kind"] == "harmful")
+    return frame[_COLUMNS]
+
+
+def evaluate_suites(
+    subject: Subject,
+    suites: Sequence[Suite],
+    split: EvalSplit = "test",
+    n: int | None = None,
+    seed: int = 0,
+    judge: str = "phrases",
+    model: str | None = None,
+    **generate_kwargs: Any,
+) -> SuiteEval:
+    """Greedy responses of ``subject`` to each suite's ``split`` (``n`` prompts a suite, drawn
+    by ``seed``; all with None), generated in one pass and judged by ``judge``."""
+    frame = _suite_prompts(suites, split, n, seed)
+    responses = generate(subject, frame["prompt"].tolist(), **generate_kwargs)
+    config = {"split": split, "n": n, "seed": seed, "judge": judge, **generate_kwargs}
+    config.pop("progress", None)
+    return SuiteEval(_judged(frame, responses, judge, model or subject.name), config)
+
+
+def budget_curve(
+    subject: Subject,
+    suites: Sequence[Suite],
+    budgets: Sequence[int] = (16, 32, 64, 128),
+    split: EvalSplit = "validation",
+    n: int | None = None,
+    seed: int = 0,
+    judge: str = "phrases",
+    model: str | None = None,
+    **generate_kwargs: Any,
+) -> pd.DataFrame:
+    """Each suite's rate when the responses are cut at each budget of new tokens: one greedy
+    generation at the largest budget, judged at every prefix (greedy decoding is
+    prefix-consistent). Rows: model, suite, budget, metric, rate, lo, hi, k, n."""
+    budgets = sorted({int(b) for b in budgets})
+    if not budgets or budgets[0] < 1:
+        raise ValueError(f"budgets must be positive token counts, got {budgets}")
+    frame = _suite_prompts(suites, split, n, seed)
+    ids = generate_ids(subject, frame["prompt"].tolist(), max_new_tokens=budgets[-1], **generate_kwargs)
+    decode = subject.tokenizer.decode
+    curves = []
+    for budget in budgets:
+        responses = [decode(x[:budget], skip_special_tokens=True).strip() for x in ids]
+        judged = SuiteEval(_judged(frame, responses, judge, model or subject.name))
+        curves.append(judged.rates().assign(budget=budget))
+    out = pd.concat(curves, ignore_index=True)
+    return out[["model", "suite", "budget", "metric", "rate", "lo", "hi", "k", "n"]]

@@ -28,17 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import plotly.express as px
 
 from safety_circuits import ablation, data, plots
 from safety_circuits._io import atomic_file
 from safety_circuits.activations import Positions
 from safety_circuits.detect import robust_safety_neurons, select_neurons
-from safety_circuits.evaluate import attack_success_rate
+from safety_circuits.evaluate import SuiteEval, evaluate_suites
 from safety_circuits.importance import neuron_importance
+from safety_circuits.judge import JUDGES, agreement, judge_table, refused
 from safety_circuits.loading import SMOLLM2, Backend, Subject, check_source, load_model
 from safety_circuits.neurons import NeuronSet
 from safety_circuits.report import Block, write_report
+from safety_circuits.stats import Rate
 from safety_circuits.tuning import (
     MECHANISMS,
     Document,
@@ -52,7 +53,8 @@ from safety_circuits.tuning import (
 
 logger = logging.getLogger(__name__)
 TUNED = "sn_tune"
-CONTROLS = ("random", "full")
+RANDOM = "random_s"  # random_s0, random_s1, ...: the random-neuron controls, one per seed
+FULL = "full"
 EVAL_BATCH = (
     192  # prompts decoded together (HF, KV cache): a decode step costs 4.3 ms a row at 64, 3.1 at 180
 )
@@ -79,21 +81,26 @@ class RunConfig:
     mechanism: Mechanism = "delta"
     retain_kl: float = 3.0
     controls: bool = True
+    control_seeds: int = 3  # random-neuron control models, one per seed
     full_lr: float = 5e-5  # the full fine-tuning control's rate (5e-4 on every weight breaks the model)
-    # evaluation
-    eval_harmful: int = 50
-    eval_harmless: int = 50
+    # evaluation (test splits of every held-out suite, data.SUITE_NAMES)
+    eval_per_suite: int = 40  # prompts drawn from each suite's test split; 0 = all of them
+    judge: str = "phrases"  # measures best on PyRIT's held-out human labels (judge.judge_table)
     capability: int = 180  # all of them: 90 questions move the rate 1.1 points each
     max_new_tokens: int = 16
-    random_seeds: int = 1
+    random_seeds: int = 1  # random neuron sets of Deact-R
 
     def __post_init__(self) -> None:
         choices = {"backend": ("hooked", "bridge"), "positions": ("all", "user"), "mechanism": MECHANISMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
         if not 0 < self.quantile < 1:
             raise ValueError(f"quantile must be in (0, 1), got {self.quantile}")
+        if self.control_seeds < 1 or self.eval_per_suite < 0:
+            raise ValueError("control_seeds must be >= 1 and eval_per_suite >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,14 +169,17 @@ class Run:
         return NeuronSet.load(path, expect=self.base)
 
     def tuned_models(self) -> list[str]:
-        return [n for n in (TUNED, *CONTROLS) if self.path("models", n).exists()]
+        """The tuned models saved in the run: SN-Tune, then the controls."""
+        folder = self.path("models")
+        saved = {p.name for p in folder.iterdir()} if folder.exists() else set()
+        order = [TUNED, *sorted(n for n in saved if n.startswith(RANDOM)), FULL]
+        return [n for n in order if n in saved]
 
     # -- prompt sets (fixed by the config's seed) ---------------------------------------------
-    def harmful_eval(self) -> list[str]:
-        return data.sample(data.harmbench("test"), self.config.eval_harmful, seed=self.config.seed)
-
-    def harmless_eval(self) -> list[str]:
-        return data.sample(data.harmless("eval"), self.config.eval_harmless, seed=self.config.seed)
+    def eval_prompts(self, suite: str) -> list[str]:
+        """The prompts evaluated from one suite's test split."""
+        n = self.config.eval_per_suite or None
+        return data.suite(suite).prompts("test", n=n, seed=self.config.seed)
 
     def capability(self) -> pd.DataFrame:
         questions = data.capability_questions()
@@ -237,7 +247,9 @@ def tune_models(run: Run) -> pd.DataFrame:
     docs = documents(run)
     plans: list[tuple[str, NeuronSet | None, Mechanism]] = [(TUNED, safety, cfg.mechanism)]
     if cfg.controls:
-        plans += [("random", safety.random_like(seed=cfg.seed), cfg.mechanism), ("full", None, "full")]
+        seeds = range(cfg.seed, cfg.seed + cfg.control_seeds)
+        plans += [(f"{RANDOM}{s - cfg.seed}", safety.random_like(seed=s), cfg.mechanism) for s in seeds]
+        plans.append((FULL, None, "full"))
     tune_config = cfg.tune_config()
     reference = reference_states(run.base, docs, tune_config.max_length) if cfg.retain_kl else None
     rows = []
@@ -268,60 +280,92 @@ def _record_columns(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_models(run: Run) -> pd.DataFrame:
-    """ASR (HarmBench test), over-refusal (harmless eval), exact-match capability and KL against
-    the original, for the original and every tuned model in the run."""
+    """Every model of the run (the original, SN-Tune, the controls) on the test split of every
+    held-out suite, judged, each rate with its Wilson 95% interval; SN-Tune against each control
+    on the same prompts (paired bootstrap, McNemar); exact-match capability and KL against the
+    original on harmless prompts. Returns the suites' rates, one row per model and suite."""
     cfg = run.config
-    harmful, harmless, questions = run.harmful_eval(), run.harmless_eval(), run.capability()
+    suites = [data.suite(name) for name in data.SUITE_NAMES]
+    harmless, questions = run.eval_prompts("harmless"), run.capability()
     reference = ablation.next_token_logprobs(run.base, harmless, batch_size=EVAL_BATCH, use="hf")
-    rows, responses = [], []
+    gen = {"use": "hf", "batch_size": EVAL_BATCH, "progress": False}
+    evals, rows = [], []
     for name in ("original", *run.tuned_models()):
         subject = run.model(name)
-        answers = attack_success_rate(
-            subject,
-            harmful,
-            max_new_tokens=cfg.max_new_tokens,
-            use="hf",
-            batch_size=EVAL_BATCH,
-            progress=False,
+        evals.append(
+            evaluate_suites(
+                subject,
+                suites,
+                "test",
+                n=cfg.eval_per_suite or None,
+                seed=cfg.seed,
+                judge=cfg.judge,
+                model=name,
+                max_new_tokens=cfg.max_new_tokens,
+                **gen,
+            )
         )
-        own = None if name == "original" else reference  # the original's KL to itself is 0
-        row = ablation.measure(
-            subject, None, harmless, questions, own, cfg.max_new_tokens, use="hf", batch_size=EVAL_BATCH
-        )
+        correct = ablation.capability_accuracy(subject, questions, **gen).frame["correct"]
+        kl = 0.0  # the original's KL to itself
+        if name != "original":
+            kl = ablation.mean_kl(
+                reference, ablation.next_token_logprobs(subject, harmless, EVAL_BATCH, use="hf")
+            )
+        capability = Rate.of(correct)
         rows.append(
             {
                 "model": name,
-                "asr": answers.rate,
-                "over_refusal": row["over_refusal"],
-                "kl": row.get("kl", 0.0),
-                "capability": row["capability"],
+                "kl": kl,
+                "capability": capability.rate,
+                "capability_lo": capability.lo,
+                "capability_hi": capability.hi,
             }
         )
-        responses.append(answers.to_frame().head(10).assign(model=name))
         logger.info("%s: %s", name, rows[-1])
+    result = SuiteEval.concat(evals)
+    rates = result.rates()
     frame = pd.DataFrame(rows)
     tuning_csv = run.path("results", "tuning.csv")
     if tuning_csv.exists():
         frame = frame.merge(pd.read_csv(tuning_csv), on="model", how="left")
+    controls = [m for m in result.models if m not in ("original", TUNED)]
+    if TUNED in result.models and controls:
+        comparisons = pd.concat([result.compare(TUNED, other) for other in controls], ignore_index=True)
+        _write_csv(run.path("results", "comparisons.csv"), comparisons)
     _write_csv(run.path("results", "evaluation.csv"), frame)
-    _write_csv(run.path("results", "responses.csv"), pd.concat(responses, ignore_index=True))
-    return frame
+    _write_csv(run.path("results", "suites.csv"), rates)
+    _write_csv(run.path("results", "judge_agreement.csv"), judge_agreement(result))
+    _write_csv(run.path("results", "responses.csv"), result.to_frame())
+    return rates
+
+
+def judge_agreement(result: SuiteEval) -> pd.DataFrame:
+    """How often the run's judge and every other judge agree on each model's responses (raw
+    rate and Cohen's kappa), and on all of them."""
+    frame, judge = result.frame, result.config["judge"]
+    rows = []
+    for other in (j for j in JUDGES if j != judge):
+        theirs = pd.Series(refused(frame["response"].tolist(), other), index=frame.index)
+        for model, part in [*frame.groupby("model", sort=False), ("all", frame)]:
+            stats = agreement(part["refused"].to_numpy(bool), theirs[part.index].to_numpy(bool))
+            rows.append({"model": model, "judge": judge, "other": other, **stats})
+    return pd.DataFrame(rows)
 
 
 def deactivate(run: Run) -> pd.DataFrame:
     """Table 1 on the SN-Tuned model: Origin, Deact-R and Deact-SN (the tuned safety neurons):
     ASR, over-refusal and KL against the tuned model (the paper's table is ASR only)."""
     cfg = run.config
-    evaluation = _read(run, "evaluation.csv")
-    origin = None
-    if evaluation is not None and TUNED in set(evaluation["model"]):  # measured by `evaluate`
-        row = evaluation.set_index("model").loc[TUNED]
-        origin = {k: float(row[k]) for k in ("asr", "over_refusal")}
+    rates = _read(run, "suites.csv")
+    origin = None  # reused from `evaluate` when it judged the same prompts the same way
+    if rates is not None and cfg.judge == "phrases" and TUNED in set(rates["model"]):
+        rate = rates.set_index(["model", "suite"])["rate"]
+        origin = {"asr": float(rate[TUNED, "harmbench"]), "over_refusal": float(rate[TUNED, "harmless"])}
     table = ablation.deactivation_experiment(
         run.model(TUNED),
         run.neurons("safety"),
-        run.harmful_eval(),
-        run.harmless_eval(),
+        run.eval_prompts("harmbench"),
+        run.eval_prompts("harmless"),
         random_seeds=cfg.random_seeds,
         max_new_tokens=cfg.max_new_tokens,
         use="hf",
@@ -360,22 +404,7 @@ def report(run: Run) -> Path:
                 ],
             )
         )
-    evaluation = _read(run, "evaluation.csv")
-    if evaluation is not None:
-        long = evaluation.melt(id_vars="model", value_vars=["asr", "over_refusal", "capability", "kl"])
-        fig = px.bar(long, x="variable", y="value", color="model", barmode="group", title="before / after")
-        sections.append(
-            (
-                "SN-Tune: before and after",
-                [
-                    f"{cfg.eval_harmful} HarmBench test behaviours (ASR), {cfg.eval_harmless} harmless eval "
-                    f"prompts (over-refusal, KL vs the original), {cfg.capability} capability questions "
-                    f"(exact match); greedy, {cfg.max_new_tokens} new tokens.",
-                    evaluation,
-                    fig,
-                ],
-            )
-        )
+    sections += _evaluation_sections(run)
     deactivation = _read(run, "deactivation.csv")
     if deactivation is not None:
         sections.append(("Deactivation on the SN-Tuned model (paper Table 1)", [deactivation]))
@@ -385,8 +414,102 @@ def report(run: Run) -> Path:
         sections.append(("Time per stage (seconds)", [f"Total {total:.0f} s.", timings]))
     responses = _read(run, "responses.csv")
     if responses is not None:
-        sections.append(("Responses to held-out harmful prompts (first 10)", [responses]))
+        harmful = responses[responses["kind"] == "harmful"]
+        sections.append(
+            (
+                "Responses to held-out harmful prompts (first 3 per model)",
+                [harmful.groupby("model", sort=False).head(3)],
+            )
+        )
     return write_report(run.path("report.html"), f"safety_circuits run: {cfg.model}", sections)
+
+
+def _evaluation_sections(run: Run) -> list[tuple[str, list[Block]]]:
+    """The held-out suites: the ASR vs over-refusal figure, one table per suite, SN-Tune against
+    the controls, then capability and KL."""
+    cfg, rates, responses = run.config, _read(run, "suites.csv"), _read(run, "responses.csv")
+    if rates is None or responses is None:
+        return []
+    per_suite = f"{cfg.eval_per_suite} prompts" if cfg.eval_per_suite else "all prompts"
+    blocks: list[Block] = [
+        f"Test splits of every held-out suite ({per_suite} a suite, seed {cfg.seed}), greedy, "
+        f"{cfg.max_new_tokens} new tokens, judged by the {cfg.judge} judge. On a harmful suite the "
+        "rate is ASR (answered), on a harmless one the share refused; [lo, hi] is the Wilson 95% interval.",
+        SuiteEval(responses).plot(),
+    ]
+    for suite, part in rates.groupby("suite", sort=False):
+        blocks += [f"<b>{suite}</b> ({part['metric'].iloc[0]})", _rate_table(part)]
+    sections = [("Held-out suites", blocks)]
+    comparisons = _read(run, "comparisons.csv")
+    if comparisons is not None:
+        shown = comparisons.assign(
+            difference=comparisons.apply(lambda r: f"{r.difference:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]", axis=1)
+        )
+        sections.append(
+            (
+                "SN-Tune against each control (paired, same prompts)",
+                [
+                    "Rate of SN-Tune minus the control's, with a paired bootstrap 95% interval over "
+                    "prompts and McNemar's exact p-value; significant when p < 0.05.",
+                    shown[["suite", "a", "b", "difference", "p_value", "significant", "n"]],
+                ],
+            )
+        )
+    agreed = _read(run, "judge_agreement.csv")
+    if agreed is not None:
+        sections.append(
+            (
+                "Judges",
+                [
+                    "Both judges on PyRIT's 105 human-labelled responses (held out from all fitting and "
+                    "choosing; the run's judge is the one that measures best here):",
+                    _judge_table(),
+                    "Agreement of the judges on this run's responses (raw rate, Cohen's kappa):",
+                    agreed,
+                ],
+            )
+        )
+    evaluation = _read(run, "evaluation.csv")
+    if evaluation is not None:
+        sections.append(
+            (
+                "Capability and KL",
+                [
+                    f"Exact match on {cfg.capability} short-answer questions (Wilson 95% interval); "
+                    "KL of the next-token distribution against the original on harmless test prompts.",
+                    evaluation,
+                ],
+            )
+        )
+    return sections
+
+
+def _judge_table() -> Block:
+    try:
+        return judge_table()
+    except FileNotFoundError as e:  # the labelled responses ship in data wheels
+        return f"(not available: {e})"
+
+
+def _rate_table(rates: pd.DataFrame) -> pd.DataFrame:
+    """One suite's rates as ``rate [lo, hi]`` per model, plus the random controls' mean and range."""
+    table = pd.DataFrame(
+        {
+            "model": rates["model"],
+            "rate [95% CI]": [
+                f"{r:.2f} [{lo:.2f}, {hi:.2f}]"
+                for r, lo, hi in zip(rates["rate"], rates["lo"], rates["hi"], strict=True)
+            ],
+            "k / n": [f"{k} / {n}" for k, n in zip(rates["k"], rates["n"], strict=True)],
+        }
+    )
+    controls = rates[rates["model"].str.startswith(RANDOM)]
+    if len(controls) > 1:
+        spread = (
+            f"{controls['rate'].mean():.2f} (range {controls['rate'].min():.2f}-{controls['rate'].max():.2f})"
+        )
+        table.loc[len(table)] = [f"random, mean of {len(controls)} seeds", spread, ""]
+    return table
 
 
 def _read(run: Run, name: str) -> pd.DataFrame | None:

@@ -110,8 +110,10 @@ class PairedDifference:
 
     @property
     def significant(self) -> bool:
-        """Whether the 95% interval excludes 0."""
-        return self.lo > 0 or self.hi < 0
+        """Whether McNemar's exact test rejects equal rates at the 5% level. (With few prompts on
+        which the models disagree, the percentile bootstrap interval can exclude 0 while the exact
+        test does not; the exact test decides.)"""
+        return self.p_value < 0.05
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "significant": self.significant}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from safety_circuits import data
 from safety_circuits.cli import STAGES, build_parser, main
 from safety_circuits.neurons import NeuronSet, hf_masks
 from safety_circuits.pipeline import Run, RunConfig
@@ -15,7 +16,7 @@ from safety_circuits.testing import tiny_hf
 
 SMALL = [
     *"--train-harmful 4 --retain-tokens 4 --retain-generated 4 --capability 3".split(),
-    *"--eval-harmful 3 --eval-harmless 3 --max-new-tokens 3 --quantile 0.9 --lr 1e-3".split(),
+    *"--eval-per-suite 2 --control-seeds 2 --max-new-tokens 3 --quantile 0.9 --lr 1e-3".split(),
 ]
 
 
@@ -31,17 +32,35 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     run = tmp_path / "runs" / "tiny"
     assert main(["run", "--run", str(run), "--model", str(model_dir), *SMALL]) == 0
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == str(model_dir) and config["eval_harmful"] == 3
+    assert config["model"] == str(model_dir) and config["eval_per_suite"] == 2
     safety = NeuronSet.load(run / "neurons" / "safety.safetensors")
     assert len(safety) > 0 and (run / "neurons" / "safety.csv").exists()
+    models = ["original", "sn_tune", "random_s0", "random_s1", "full"]
     evaluation = pd.read_csv(run / "results" / "evaluation.csv")
-    assert list(evaluation["model"]) == ["original", "sn_tune", "random", "full"]
-    assert evaluation[["asr", "over_refusal", "capability"]].apply(lambda c: c.between(0, 1)).all().all()
-    assert list(evaluation.columns[:5]) == ["model", "asr", "over_refusal", "kl", "capability"]
+    assert list(evaluation["model"]) == models
+    assert evaluation["capability"].between(0, 1).all()
+    assert (evaluation["capability_lo"] <= evaluation["capability"]).all()
     assert evaluation.loc[0, "kl"] == 0 and (evaluation.loc[1:, "kl"] > 0).all()
+    rates = pd.read_csv(run / "results" / "suites.csv")
+    assert (
+        sorted(set(rates["suite"])) == sorted(data.SUITE_NAMES)
+        and list(dict.fromkeys(rates["model"])) == models
+    )
+    assert (rates["n"] == 2).all() and ((rates["lo"] <= rates["rate"]) & (rates["rate"] <= rates["hi"])).all()
+    responses = pd.read_csv(run / "results" / "responses.csv")
+    assert len(responses) == 2 * len(data.SUITE_NAMES) * len(models)
+    same_prompts = responses.groupby("model")["prompt"].apply(lambda p: tuple(sorted(p)))
+    assert same_prompts.nunique() == 1, "every model answers the same prompts"
+    agreed = pd.read_csv(run / "results" / "judge_agreement.csv")
+    assert list(agreed["model"]) == [*models, "all"] and agreed["agreement"].between(0, 1).all()
+    comparisons = pd.read_csv(run / "results" / "comparisons.csv")
+    assert set(comparisons["b"]) == {"random_s0", "random_s1", "full"} and set(comparisons["a"]) == {
+        "sn_tune"
+    }
     deactivation = pd.read_csv(run / "results" / "deactivation.csv")
     assert list(deactivation["setting"]) == ["Origin", "Deact-R", "Deact-SN"]
-    assert "<h2>SN-Tune: before and after</h2>" in (run / "report.html").read_text()
+    html = (run / "report.html").read_text()
+    assert "<h2>Held-out suites</h2>" in html and "random, mean of 2 seeds" in html
     lrs = {
         m: json.loads((run / "models" / m / "tuning.json").read_text())["config"]["lr"]
         for m in ("sn_tune", "full")
@@ -73,7 +92,7 @@ def test_stages_one_at_a_time_and_clear_errors(model_dir, tmp_path, capsys):
     assert main(["tune", "--run", str(run)]) == 0
     assert sorted(p.name for p in (run / "models").iterdir()) == ["sn_tune"]
     assert main(["report", "--run", str(run)]) == 0
-    assert "SN-Tune: before and after" not in (run / "report.html").read_text()
+    assert "Held-out suites" not in (run / "report.html").read_text()
 
 
 def test_bad_config():
