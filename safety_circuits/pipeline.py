@@ -87,7 +87,7 @@ class RunConfig:
     eval_per_suite: int = 40  # prompts drawn from each suite's test split; 0 = all of them
     judge: str = "phrases"  # measures best on PyRIT's held-out human labels (judge.judge_table)
     capability: int = 180  # all of them: 90 questions move the rate 1.1 points each
-    max_new_tokens: int = 16
+    max_new_tokens: int = 32  # examples/token_budget.py on validation splits: within 0.02 of 128 tokens
     random_seeds: int = 1  # random neuron sets of Deact-R
 
     def __post_init__(self) -> None:
