@@ -419,6 +419,11 @@ class Suite:
         return f"Suite({self.name!r}, {self.kind}, {counts})"
 
 
+def _half(key: str) -> str:
+    """``validation`` or ``test``, by a hash of ``key``: the held-out suites' fixed split rule."""
+    return "validation" if _bucket(key, 2) == 0 else "test"
+
+
 def _halves(
     texts: Sequence[str], groups: Sequence[str] | None = None, one_per_group: bool = True
 ) -> pd.DataFrame:
@@ -428,7 +433,7 @@ def _halves(
     frame = pd.DataFrame({"text": list(texts), "group": list(groups) if groups else "", "key": keys})
     if one_per_group:
         frame = frame.drop_duplicates("key")
-    frame["split"] = frame["key"].map(lambda k: "validation" if _bucket(k, 2) == 0 else "test")
+    frame["split"] = frame["key"].map(_half)
     return frame.drop(columns="key").reset_index(drop=True)
 
 
@@ -452,7 +457,7 @@ def _donotanswer_suite() -> pd.DataFrame:
 def _harmless_suite() -> pd.DataFrame:
     frame = harmless_frame()
     frame = frame[frame["split"] == "eval"]
-    halves = frame["id"].map(lambda i: "validation" if _bucket(i, 2) == 0 else "test")
+    halves = frame["id"].map(_half)
     return pd.DataFrame({"text": frame["text"], "group": frame["category"], "split": halves}).reset_index(
         drop=True
     )
@@ -461,7 +466,7 @@ def _harmless_suite() -> pd.DataFrame:
 def _alarming_suite(label: str) -> pd.DataFrame:
     frame = alarming_frame()
     pair = frame["mirrors"].fillna(frame["id"]) if "mirrors" in frame else frame["id"]
-    halves = pair.map(lambda i: "validation" if _bucket(i, 2) == 0 else "test")
+    halves = pair.map(_half)
     frame = frame.assign(split=halves)
     frame = frame[frame["label"] == label]
     return frame[["text", "category", "split"]].rename(columns={"category": "group"}).reset_index(drop=True)

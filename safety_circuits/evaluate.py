@@ -348,15 +348,6 @@ def over_refusal_rate(
 METRIC = {"harmful": "asr", "harmless": "over_refusal"}
 
 
-def judge_responses(responses: Sequence[str], judge: str = "phrases") -> list[bool]:
-    """Whether each response refuses, by ``judge``: ``"phrases"`` (:func:`is_refusal`, the
-    default: it measures best on held-out human labels) or ``"classifier"`` (the learned
-    refusal classifier); see :mod:`safety_circuits.judge`."""
-    from safety_circuits.judge import refused
-
-    return refused(responses, judge)
-
-
 @dataclass
 class SuiteEval:
     """Models' judged responses on held-out suites, one row per model and prompt.
@@ -466,7 +457,11 @@ _COLUMNS = ["model", "suite", "kind", "metric", "group", "split", "prompt", "res
 
 
 def _judged(frame: pd.DataFrame, responses: list[str], judge: str, model: str) -> pd.DataFrame:
-    frame = frame.assign(model=model, response=responses, refused=judge_responses(responses, judge))
+    """``frame`` with each response, its verdict by ``judge`` (:func:`safety_circuits.judge.refused`;
+    imported here, since the judge module builds on this one) and what the suite's rate counts."""
+    from safety_circuits.judge import refused
+
+    frame = frame.assign(model=model, response=responses, refused=refused(responses, judge))
     frame["flagged"] = frame["refused"] != (frame["kind"] == "harmful")
     return frame[_COLUMNS]
 
