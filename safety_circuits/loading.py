@@ -313,15 +313,25 @@ class Subject:
 
     ``tl`` and ``hf`` hold separate copies of the weights. Analyses run through ``tl``'s hook
     names; tuning changes ``hf`` (call :meth:`sync_tl` afterwards to rebuild ``tl`` from it).
+    ``tl`` is built from ``hf`` on first use: work that runs on ``hf`` alone (tuning, generation
+    with ``use="hf"``) never pays for the conversion (about 7 s and a second copy of the weights
+    for SmolLM2-135M on the hooked backend).
     """
 
-    tl: Any
     hf: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     arch: Architecture
     backend: Backend
     name: str
     max_ctx: int = DEFAULT_MAX_CTX
+    _tl: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def tl(self) -> Any:
+        """The ``HookedTransformer`` or ``TransformerBridge`` on ``hf``'s weights."""
+        if self._tl is None:
+            self._tl = _build_tl(self.hf, self.tokenizer, self.backend, self.max_ctx)
+        return self._tl
 
     @property
     def device(self) -> torch.device:
@@ -337,8 +347,8 @@ class Subject:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def sync_tl(self) -> None:
-        """Rebuild the TransformerLens model from the (possibly tuned) HF weights."""
-        self.tl = _build_tl(self.hf, self.tokenizer, self.backend, self.max_ctx)
+        """Rebuild the TransformerLens model from the (possibly tuned) HF weights at its next use."""
+        self._tl = None
 
 
 def _build_tl(hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, backend: str, max_ctx: int):
@@ -466,5 +476,4 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     arch = Architecture.from_hf_config(hf.config)
-    tl = _build_tl(hf, tokenizer, backend, max_ctx)
-    return Subject(tl=tl, hf=hf, tokenizer=tokenizer, arch=arch, backend=backend, name=name, max_ctx=max_ctx)
+    return Subject(hf=hf, tokenizer=tokenizer, arch=arch, backend=backend, name=name, max_ctx=max_ctx)

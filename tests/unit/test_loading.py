@@ -116,5 +116,11 @@ def test_sync_tl_follows_hf_edits(tokenizer):
         assert (subject.tl(ids) - subject.hf(ids).logits).abs().max() < 1e-4
 
 
+def test_tl_is_built_on_first_use_only(tokenizer):
+    subject = load_model(tiny_hf("llama", len(tokenizer)), tokenizer=tokenizer)
+    assert subject._tl is None  # tuning and HF generation never build it
+    assert subject.tl is subject.tl
+
+
 def test_tiny_configs_use_gqa():
     assert tiny_config("llama", 10).num_key_value_heads < tiny_config("llama", 10).num_attention_heads

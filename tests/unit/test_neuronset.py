@@ -468,7 +468,7 @@ def test_save_creates_folders_and_accepts_strings(tmp_path):
 
 def test_load_expect_accepts_a_subject(tmp_path):
     path = sample().save(tmp_path / "set.safetensors")
-    subject = Subject(tl=None, hf=None, tokenizer=None, arch=LLAMA, backend="hooked", name="tiny")
+    subject = Subject(hf=None, tokenizer=None, arch=LLAMA, backend="hooked", name="tiny")
     assert NeuronSet.load(path, expect=subject) == sample()
     with pytest.raises(ArchitectureMismatchError):
         NeuronSet.load(path, expect=dataclasses.replace(subject, arch=GPT2))
