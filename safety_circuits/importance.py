@@ -320,6 +320,16 @@ class Importance:
             self.config,
         )
 
+    def ranks(self) -> dict[Kind, Tensor]:
+        """Each prompt's importances as percentile ranks within their kind, in [0, 1] (0: the least
+        important neuron of that kind for that prompt; ties ranked by position)."""
+        out = {}
+        for kind, s in self.scores.items():
+            flat = s.flatten(1)
+            ranks = flat.argsort(dim=1, stable=True).argsort(dim=1).float() / max(flat.shape[1] - 1, 1)
+            out[kind] = ranks.view_as(s)
+        return out
+
     def reduce(self, how: str = "min") -> dict[Kind, Tensor]:
         """Importance over prompts reduced per neuron (``min``: the value Eq. 3 thresholds)."""
         if how not in ("min", "mean", "max"):

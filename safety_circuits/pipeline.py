@@ -5,10 +5,12 @@ at a time (``safety-circuits detect|tune|evaluate|ablate|report``) or all in ord
 
     runs/<name>/config.json                     the RunConfig
     runs/<name>/documents.json                  the tuning documents (refusals and retain)
-    runs/<name>/neurons/*.safetensors, *.csv    importance, safety / foundation / robust NeuronSets
+    runs/<name>/neurons/*.safetensors, *.csv    importance; safety, foundation, robust, contrastive and
+                                                scored NeuronSets; specificity.csv
     runs/<name>/models/sn_tune/                 the SN-Tuned model (plain HF folder + mask + record)
     runs/<name>/models/{random,full}/           controls: random neurons of equal counts, full FT
     runs/<name>/results/*.csv                   evaluation, deactivation, responses
+    runs/<name>/search.db, results/search.csv   the recipe search (``safety-circuits search``)
     runs/<name>/report.html                     tables and plotly figures, self-contained
 
 Prompt splits never cross: neurons are found on HarmBench *val*; refusal documents use HarmBench
@@ -32,13 +34,19 @@ import pandas as pd
 from safety_circuits import ablation, data, plots
 from safety_circuits._io import atomic_file
 from safety_circuits.activations import Positions
-from safety_circuits.detect import robust_safety_neurons, select_neurons
+from safety_circuits.detect import (
+    contrastive_neurons,
+    robust_safety_neurons,
+    scored_neurons,
+    select_neurons,
+)
 from safety_circuits.evaluate import SuiteEval, evaluate_suites
-from safety_circuits.importance import neuron_importance
+from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.judge import JUDGES, agreement, judge_table, refused
 from safety_circuits.loading import SMOLLM2, Backend, Subject, check_source, load_model
 from safety_circuits.neurons import NeuronSet
 from safety_circuits.report import Block, write_report
+from safety_circuits.search import Recipe, RecipeSearch, SearchResult, SearchSpace
 from safety_circuits.stats import Rate
 from safety_circuits.tuning import (
     MECHANISMS,
@@ -55,6 +63,9 @@ logger = logging.getLogger(__name__)
 TUNED = "sn_tune"
 RANDOM = "random_s"  # random_s0, random_s1, ...: the random-neuron controls, one per seed
 FULL = "full"
+NEURON_SETS = ("safety", "foundation", "robust", "contrastive", "scored")
+TUNABLE = ("safety", "robust", "contrastive", "scored")
+SPECIFICITY_PROMPTS = 20  # harmless validation prompts the specificity KL is measured on
 EVAL_BATCH = (
     192  # prompts decoded together (HF, KV cache): a decode step costs 4.3 ms a row at 64, 3.1 at 180
 )
@@ -70,6 +81,7 @@ class RunConfig:
     # detection (HarmBench val)
     positions: Positions = "all"
     quantile: float = 0.98
+    rule: str = "safety"  # the NeuronSet SN-Tune trains (and Table 1 deactivates): one of TUNABLE
     # documents
     train_harmful: int = 60  # AdvBench train prompts, on top of every HarmBench val prompt
     retain_tokens: int = 32
@@ -84,9 +96,11 @@ class RunConfig:
     control_seeds: int = 3  # random-neuron control models, one per seed
     full_lr: float = 5e-5  # the full fine-tuning control's rate (5e-4 on every weight breaks the model)
     # evaluation (test splits of every held-out suite, data.SUITE_NAMES)
-    eval_per_suite: int = 40  # prompts drawn from each suite's test split; 0 = all of them
+    # the demo's sample; `safety-circuits evaluate --eval-per-suite 0 --capability 180` (`make evaluate`)
+    # reads every test prompt
+    eval_per_suite: int = 20  # prompts drawn from each suite's test split; 0 = all of them
     judge: str = "phrases"  # measures best on PyRIT's held-out human labels (judge.judge_table)
-    capability: int = 180  # all of them: 90 questions move the rate 1.1 points each
+    capability: int = 90  # of the 180 questions
     max_new_tokens: int = 32  # examples/token_budget.py on validation splits: within 0.02 of 128 tokens
     random_seeds: int = 1  # random neuron sets of Deact-R
 
@@ -95,6 +109,8 @@ class RunConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.rule not in TUNABLE:
+            raise ValueError(f"rule must be one of {TUNABLE}, got {self.rule!r}")
         if self.judge not in JUDGES:
             raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
         if not 0 < self.quantile < 1:
@@ -112,6 +128,10 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown run config keys {sorted(unknown)}")
         return cls(**d)
+
+    def with_recipe(self, recipe: Recipe) -> RunConfig:
+        """This config with a searched recipe's settings (:mod:`safety_circuits.search`)."""
+        return RunConfig.from_dict({**self.to_dict(), **recipe.to_dict()})
 
     def tune_config(self) -> TuneConfig:
         return TuneConfig(
@@ -197,24 +217,49 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
 
 # -- stages ----------------------------------------------------------------------------------
 def detect(run: Run) -> dict[str, NeuronSet]:
-    """Safety neurons on HarmBench val, foundation neurons on the harmless train split (plain
-    text), robust = safety − foundation; saved with the importance scores and readable tables."""
+    """Safety neurons on HarmBench val; foundation neurons on the harmless train split (plain
+    text); robust = safety − foundation; the contrastive and scored sets against as many harmless
+    train prompts rendered like the harmful ones. Saved with the importance scores and readable
+    tables, and each set's specificity: the KL of zeroing it on the original model against random
+    sets of the same counts (``neurons/specificity.csv``, harmless *validation* prompts)."""
     cfg, subject = run.config, run.base
     start = time.perf_counter()
-    importance = neuron_importance(subject, data.harmbench("val"), batch_size=8, positions=cfg.positions)
+    harmful = data.harmbench("val")
+    importance = neuron_importance(subject, harmful, batch_size=8, positions=cfg.positions)
     seconds = time.perf_counter() - start
     importance.save(run.path("neurons", "importance.safetensors"))
+    matched = neuron_importance(
+        subject, _matched_harmless(len(harmful), cfg.seed), batch_size=8, positions=cfg.positions
+    )
+    matched.save(run.path("neurons", "importance_harmless.safetensors"))
     safety = select_neurons(importance, quantile=cfg.quantile).with_metadata(
         name="safety", source=subject.name, seconds=round(seconds, 1)
     )
     general = neuron_importance(subject, data.harmless("train"), batch_size=8, chat=False)
     foundation = select_neurons(general, quantile=cfg.quantile).with_metadata(name="foundation")
-    sets = {"safety": safety, "foundation": foundation, "robust": robust_safety_neurons(safety, foundation)}
+    sets = {
+        "safety": safety,
+        "foundation": foundation,
+        "robust": robust_safety_neurons(safety, foundation),
+        "contrastive": contrastive_neurons(importance, matched, quantile=cfg.quantile),
+        "scored": scored_neurons(importance, matched, quantile=cfg.quantile),
+    }
     for name, neurons in sets.items():
         neurons.save(run.path("neurons", f"{name}.safetensors"))
         _write_csv(run.path("neurons", f"{name}.csv"), neurons.to_frame())
+    harmless = data.suite("harmless").prompts("validation", n=SPECIFICITY_PROMPTS, seed=cfg.seed)
+    tunable = {name: sets[name] for name in TUNABLE if len(sets[name])}
+    specificity = ablation.zeroing_kl(
+        subject, tunable, harmless, random_seeds=3, batch_size=EVAL_BATCH, use="hf"
+    )
+    _write_csv(run.path("neurons", "specificity.csv"), specificity)
     logger.info("safety neurons: %d (%.2f%%) in %.0f s", len(safety), 100 * safety.fraction_of(), seconds)
     return sets
+
+
+def _matched_harmless(n: int, seed: int) -> list[str]:
+    """Harmless train prompts, as many as the harmful ones: the contrastive rules' reference."""
+    return data.sample(data.harmless("train"), n, seed=seed)
 
 
 def documents(run: Run) -> list[Document]:
@@ -243,20 +288,20 @@ def tune_models(run: Run) -> pd.DataFrame:
     """SN-Tune on the safety neurons and, with ``controls``, on random neurons of the same counts
     per layer and kind, and full fine-tuning on the same documents. Saves each model."""
     cfg = run.config
-    safety = run.neurons("safety")
+    neurons = run.neurons(cfg.rule)
     docs = documents(run)
-    plans: list[tuple[str, NeuronSet | None, Mechanism]] = [(TUNED, safety, cfg.mechanism)]
+    plans: list[tuple[str, NeuronSet | None, Mechanism]] = [(TUNED, neurons, cfg.mechanism)]
     if cfg.controls:
         seeds = range(cfg.seed, cfg.seed + cfg.control_seeds)
-        plans += [(f"{RANDOM}{s - cfg.seed}", safety.random_like(seed=s), cfg.mechanism) for s in seeds]
+        plans += [(f"{RANDOM}{s - cfg.seed}", neurons.random_like(seed=s), cfg.mechanism) for s in seeds]
         plans.append((FULL, None, "full"))
     tune_config = cfg.tune_config()
     reference = reference_states(run.base, docs, tune_config.max_length) if cfg.retain_kl else None
     rows = []
-    for name, neurons, mechanism in plans:
+    for name, chosen, mechanism in plans:
         lr = cfg.full_lr if mechanism == "full" else cfg.lr
         result = tune(
-            run.base, docs, neurons, config=tune_config, mechanism=mechanism, lr=lr, reference=reference
+            run.base, docs, chosen, config=tune_config, mechanism=mechanism, lr=lr, reference=reference
         )
         result.save(run.path("models", name), overwrite=True)
         run._models[name] = result.subject
@@ -363,7 +408,7 @@ def deactivate(run: Run) -> pd.DataFrame:
         origin = {"asr": float(rate[TUNED, "harmbench"]), "over_refusal": float(rate[TUNED, "harmless"])}
     table = ablation.deactivation_experiment(
         run.model(TUNED),
-        run.neurons("safety"),
+        run.neurons(cfg.rule),
         run.eval_prompts("harmbench"),
         run.eval_prompts("harmless"),
         random_seeds=cfg.random_seeds,
@@ -376,6 +421,35 @@ def deactivate(run: Run) -> pd.DataFrame:
     return table
 
 
+def search(
+    run: Run, trials: int | None = 10, timeout: float | None = None, space: SearchSpace | None = None
+) -> pd.DataFrame:
+    """The recipe search (:class:`safety_circuits.search.RecipeSearch`) on the run's base model,
+    stored in ``search.db`` (it resumes), on validation splits only. Writes every complete trial
+    (``results/search.csv``) and the chosen recipe (``results/recipe.json``: apply it with
+    ``safety-circuits run --recipe runs/<name>/results/recipe.json``); returns the Pareto front."""
+    cfg = run.config
+    saved = run.path("neurons", "importance.safetensors")
+    importance = Importance.load(saved, expect=run.base) if saved.exists() else None
+    searcher = RecipeSearch(
+        run.base,
+        run.path("search.db"),
+        space=space,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        tune_config=cfg.tune_config(),
+        retain_tokens=cfg.retain_tokens,
+        batch_size=EVAL_BATCH,
+        importance=importance,
+    )
+    result = searcher.run(trials=trials, timeout=timeout)
+    _write_csv(run.path("results", "search.csv"), result.to_frame())
+    if result.frame.empty:
+        raise RuntimeError(f"no trial of {run.path('search.db')} completed (each selected no neurons?)")
+    _write_text(run.path("results", "recipe.json"), json.dumps(result.choose().to_dict(), indent=2))
+    return result.pareto()
+
+
 def report(run: Run) -> Path:
     """``report.html`` from whatever the stages have written so far."""
     cfg = run.config
@@ -383,24 +457,46 @@ def report(run: Run) -> Path:
         ("Run", [pd.DataFrame([cfg.to_dict()]).T.rename(columns={0: ""})])
     ]
     if run.path("neurons", "safety.safetensors").exists():
-        sets = {name: run.neurons(name) for name in ("safety", "foundation", "robust")}
-        safety = sets["safety"]
-        counts = (
-            safety.counts()
-            .sum()
-            .to_frame("neurons")
-            .T.assign(total=len(safety), percent_of_all=round(100 * safety.fraction_of(), 3))
+        sets = {n: run.neurons(n) for n in NEURON_SETS if run.path("neurons", f"{n}.safetensors").exists()}
+        counts = pd.DataFrame(
+            [
+                {"set": name, **neurons.counts().sum().to_dict(), "total": len(neurons)}
+                | {"percent_of_all": round(100 * neurons.fraction_of(), 3)}
+                for name, neurons in sets.items()
+            ]
         )
+        blocks: list[Block] = [
+            f"Found on the HarmBench val behaviours, positions={cfg.positions}, quantile {cfg.quantile} "
+            "per prompt and kind. safety: important for every prompt (Eq. 3); foundation: the same on "
+            "plain harmless text; robust: safety − foundation; contrastive: safety minus the neurons "
+            "important for every one of as many harmless prompts rendered the same way; scored: the "
+            f"top share of each kind by harmful-minus-harmless importance rank. SN-Tune trains {cfg.rule}.",
+            counts,
+            plots.neurons_per_layer(sets[cfg.rule] if cfg.rule in sets else sets["safety"]),
+            plots.attention_vs_ffn(sets),
+            plots.overlap_heatmap(sets),
+        ]
+        specificity = _read(run, "specificity.csv", "neurons")
+        if specificity is not None:
+            blocks += [
+                f"Specificity on the original model: mean KL of next-token distributions on "
+                f"{SPECIFICITY_PROMPTS} harmless validation prompts with the set zeroed, against 3 "
+                "random sets of the same counts per layer and kind (small kl and kl_ratio: specific).",
+                specificity,
+            ]
+        sections.append(("Neuron sets", blocks))
+    search = _read(run, "search.csv")
+    if search is not None and len(search):
+        result = SearchResult(search)
         sections.append(
             (
-                "Safety neurons",
+                "Recipe search (validation splits only)",
                 [
-                    f"Found on the HarmBench val behaviours, positions={cfg.positions}, quantile "
-                    f"{cfg.quantile} per prompt and kind, kept when important for every prompt.",
-                    counts,
-                    plots.neurons_per_layer(safety),
-                    plots.attention_vs_ffn(sets),
-                    plots.overlap_heatmap(sets),
+                    f"{len(search)} complete trials; objectives on the validation halves of "
+                    "the held-out suites. The chosen recipe (results/recipe.json): "
+                    f"{result.choose().to_dict()}",
+                    result.plot(),
+                    result.pareto(),
                 ],
             )
         )
@@ -512,8 +608,8 @@ def _rate_table(rates: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _read(run: Run, name: str) -> pd.DataFrame | None:
-    path = run.path("results", name)
+def _read(run: Run, name: str, folder: str = "results") -> pd.DataFrame | None:
+    path = run.path(folder, name)
     return pd.read_csv(path) if path.exists() else None
 
 

@@ -93,6 +93,14 @@ def test_stages_one_at_a_time_and_clear_errors(model_dir, tmp_path, capsys):
     assert sorted(p.name for p in (run / "models").iterdir()) == ["sn_tune"]
     assert main(["report", "--run", str(run)]) == 0
     assert "Held-out suites" not in (run / "report.html").read_text()
+    # evaluation options replace the saved ones; the others stay
+    assert main(["evaluate", "--run", str(run), "--eval-per-suite", "1", "--judge", "classifier"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["eval_per_suite"], config["judge"], config["quantile"]) == (1, "classifier", 0.9)
+    assert (pd.read_csv(run / "results" / "suites.csv")["n"] == 1).all()
+    assert main(["evaluate", "--run", str(run), "--judge", "oracle"]) == 2
+    assert "judge must be one of" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["judge"] == "classifier"
 
 
 def test_bad_config():
@@ -178,3 +186,23 @@ def test_bad_option_value_and_verbose_traceback(tmp_path, capsys):
     assert main(["-v", "tune", "--run", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("safety-circuits tune: error: ")
+
+
+def test_search_writes_a_recipe_that_run_applies(model_dir, tmp_path, capsys):
+    run = tmp_path / "search"
+    assert main(["detect", "--run", str(run), "--model", str(model_dir), *SMALL]) == 0
+    specificity = pd.read_csv(run / "neurons" / "specificity.csv")
+    assert set(specificity["set"]) <= {"safety", "robust", "contrastive", "scored"} and len(specificity)
+    assert main(["search", "--run", str(run), "--trials", "1", "--rules", "everything"]) == 2
+    assert "rules must be some of" in capsys.readouterr().err
+    assert main(["search", "--run", str(run), "--trials", "2", "--rules", "safety"]) == 0
+    trials = pd.read_csv(run / "results" / "search.csv")
+    recipe = json.loads((run / "results" / "recipe.json").read_text())
+    assert len(trials) == 2 and set(trials["rule"]) == {"safety"} and recipe["lr"] in set(trials["lr"])
+    assert main(["report", "--run", str(run)]) == 0
+    assert "Recipe search (validation splits only)" in (run / "report.html").read_text()
+    other = tmp_path / "applied"
+    args = ["detect", "--run", str(other), "--model", str(model_dir), *SMALL]
+    assert main([*args, "--recipe", str(run / "results" / "recipe.json")]) == 0
+    config = json.loads((other / "config.json").read_text())
+    assert {k: config[k] for k in recipe} == recipe

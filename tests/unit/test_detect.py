@@ -4,10 +4,13 @@ import torch
 from safety_circuits.data import harmless
 from safety_circuits.detect import (
     DEFAULT_QUANTILE,
+    contrast_scores,
+    contrastive_neurons,
     corpus_size_stability,
     find_foundation_neurons,
     find_safety_neurons,
     robust_safety_neurons,
+    scored_neurons,
     select_neurons,
 )
 from safety_circuits.importance import neuron_importance
@@ -71,3 +74,71 @@ def test_selection_errors(importance):
         select_neurons(importance, top_k=10**9)
     with pytest.raises(ValueError, match="rule"):
         select_neurons(importance, rule="most")
+
+
+HARMLESS = [
+    "How do I bake bread?",
+    "Name three rivers in Europe.",
+    "What is a prime number?",
+    "Sort 3, 1, 2.",
+]
+
+
+@pytest.fixture(scope="module")
+def harmless_importance(make_subject):
+    return neuron_importance(make_subject("llama"), HARMLESS, progress=False)
+
+
+def _important(scores: torch.Tensor, q: float) -> torch.Tensor:
+    """[prompt, layer, neuron] -> whether each neuron reaches its prompt's q-quantile (a loop)."""
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    for p in range(len(scores)):
+        out[p] = scores[p] >= torch.quantile(scores[p].flatten(), q)
+    return out
+
+
+@pytest.mark.parametrize("exclude", ["all", "any"])
+def test_contrastive_rule_is_safety_minus_harmless(importance, harmless_importance, exclude):
+    q = 0.9
+    neurons = contrastive_neurons(importance, harmless_importance, quantile=q, exclude=exclude)
+    for kind in importance.kinds:
+        harmful = _important(importance.scores[kind], q).all(0)
+        general = _important(harmless_importance.scores[kind], q)
+        general = general.all(0) if exclude == "all" else general.any(0)
+        assert torch.equal(neurons.masks()[kind], harmful & ~general), kind
+    assert neurons.metadata["exclude"] == exclude and neurons.name == "contrastive"
+    assert len(neurons) <= len(select_neurons(importance, quantile=q))
+    looser = contrastive_neurons(importance, harmless_importance, quantile=q, exclude="all")
+    assert len(contrastive_neurons(importance, harmless_importance, quantile=q, exclude="any")) <= len(looser)
+
+
+def _rank(row: torch.Tensor) -> torch.Tensor:
+    """Percentile ranks, ties broken by position (Python's sort is stable)."""
+    order = sorted(range(len(row)), key=lambda i: float(row[i]))
+    ranks = torch.empty(len(row))
+    ranks[order] = torch.arange(len(row), dtype=torch.float)
+    return ranks / (len(row) - 1)
+
+
+def test_contrast_scores_are_mean_rank_differences(importance, harmless_importance):
+    scores = contrast_scores(importance, harmless_importance)
+    for kind in importance.kinds:
+        a, b = importance.scores[kind].flatten(1), harmless_importance.scores[kind].flatten(1)
+        expected = torch.stack([_rank(r) for r in a]).mean(0) - torch.stack([_rank(r) for r in b]).mean(0)
+        torch.testing.assert_close(scores[kind].flatten(), expected)
+        assert scores[kind].abs().max() <= 1
+    neurons = scored_neurons(importance, harmless_importance, quantile=0.95)
+    for kind, s in scores.items():
+        assert torch.equal(neurons.masks()[kind], s >= torch.quantile(s.flatten(), 0.95)), kind
+    assert neurons.metadata["method"] == "contrast_score"
+
+
+def test_contrast_needs_prompts_scored_the_same_way(make_subject, importance):
+    plain = neuron_importance(make_subject("llama"), HARMLESS, progress=False, chat=False)
+    with pytest.raises(ValueError, match="chat=False"):
+        contrastive_neurons(importance, plain)
+    ffn_only = neuron_importance(make_subject("llama"), HARMLESS, progress=False, kinds=["ffn"])
+    with pytest.raises(ValueError, match="kinds differ"):
+        contrast_scores(importance, ffn_only)
+    with pytest.raises(ValueError, match="exclude"):
+        contrastive_neurons(importance, importance, exclude="some")
