@@ -19,7 +19,18 @@ if TYPE_CHECKING:
     from safety_circuits.neurons import HookFn
 
 
-Positions = Literal["all", "user"]
+#: The tokens a measurement covers: every real token, the prompt's own tokens (not the chat
+#: template's), or an int ``k``: the last ``k`` tokens of each rendered prompt (for a chat model,
+#: the end of the user turn and the assistant header, where refusal is decided).
+Positions = Literal["all", "user"] | int
+
+
+def check_scope(positions: Positions) -> Positions:
+    if positions in ("all", "user") or (
+        isinstance(positions, int) and not isinstance(positions, bool) and positions >= 1
+    ):
+        return positions
+    raise ValueError(f"positions must be 'all', 'user' or a number k >= 1 of last tokens, got {positions!r}")
 
 
 @dataclass
@@ -27,7 +38,8 @@ class Batch:
     """One left-padded batch; ``order`` gives each row's position in the caller's prompt list.
 
     ``positions`` is 1 on the tokens to measure: every real token (the default), or, from
-    ``batches(..., positions="user")``, only the prompt's own tokens, not the chat template's.
+    ``batches(..., positions="user")``, only the prompt's own tokens, not the chat template's
+    (``positions=k``: the last ``k`` real tokens).
     """
 
     order: list[int]
@@ -189,8 +201,7 @@ def batches(
     """Yield left-padded batches of similar length (prompts sorted by token count)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if positions not in ("all", "user"):
-        raise ValueError(f"positions must be 'all' or 'user', got {positions!r}")
+    positions = check_scope(positions)
     texts = render(subject, prompts, chat=chat, system=system)
     ids = tokenize(subject, texts)
     selected = prompt_token_masks(subject, texts, prompts) if positions == "user" else None
@@ -199,6 +210,9 @@ def batches(
     for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         input_ids, mask = left_pad([ids[i] for i in chunk], subject.tokenizer.pad_token_id, subject.device)
         chosen = None if selected is None else left_pad([selected[i] for i in chunk], 0, subject.device)[0]
+        if isinstance(positions, int):  # left padding aligns every row's last tokens
+            chosen = mask.clone()
+            chosen[:, : max(mask.shape[1] - positions, 0)] = 0
         yield Batch(chunk, input_ids, mask, chosen)
 
 

@@ -396,7 +396,7 @@ def neuron_importance(
 
     ``positions="user"`` measures the change on the prompt's own tokens only (for q/k: those query
     rows), so that neurons busy with the chat template, which every prompt shares, do not look
-    important for every prompt.
+    important for every prompt; ``positions=k`` on the last ``k`` tokens of each rendered prompt.
     """
     prompts = check_prompts(prompts)
     unknown = set(kinds) - set(KINDS)

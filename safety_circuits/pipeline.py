@@ -33,7 +33,7 @@ import pandas as pd
 
 from safety_circuits import ablation, data, plots
 from safety_circuits._io import atomic_file
-from safety_circuits.activations import Positions
+from safety_circuits.activations import Positions, check_scope
 from safety_circuits.detect import (
     contrastive_neurons,
     robust_safety_neurons,
@@ -105,7 +105,10 @@ class RunConfig:
     random_seeds: int = 1  # random neuron sets of Deact-R
 
     def __post_init__(self) -> None:
-        choices = {"backend": ("hooked", "bridge"), "positions": ("all", "user"), "mechanism": MECHANISMS}
+        if isinstance(self.positions, str) and self.positions.isdigit():  # from the command line
+            self.positions = int(self.positions)
+        check_scope(self.positions)
+        choices = {"backend": ("hooked", "bridge"), "mechanism": MECHANISMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -90,19 +90,22 @@ def test_bad_input(make_subject):
         neuron_importance(subject, [], progress=False)
     with pytest.raises(ValueError, match="unknown neuron kinds"):
         neuron_importance(subject, ["hi"], kinds=("mlp",), progress=False)
+    for bad in ("assistant", 0, True):
+        with pytest.raises(ValueError, match="positions must be"):
+            neuron_importance(subject, ["hi"], positions=bad, progress=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_user_positions_equal_brute_force_on_those_tokens(make_subject, family):
+@pytest.mark.parametrize(("family", "positions"), [("llama", "user"), ("gpt2", "user"), ("llama", 3)])
+def test_positions_equal_brute_force_on_those_tokens(make_subject, family, positions):
     subject = make_subject(family)
-    imp = neuron_importance(subject, [PROMPT, "Hi"], positions="user", chunk_bytes=2**14, progress=False)
-    assert imp.config["positions"] == "user"
+    imp = neuron_importance(subject, [PROMPT, "Hi"], positions=positions, chunk_bytes=2**14, progress=False)
+    assert imp.config["positions"] == positions
     everywhere = neuron_importance(subject, [PROMPT], progress=False)
     for layer in range(subject.arch.n_layers):
         for kind in KINDS:
             fast = imp.scores[kind][0, layer]
             measure = "pattern" if kind in ("q", "k") else "output"
-            slow = ablation_importance(subject, PROMPT, layer, kind, measure=measure, positions="user")
+            slow = ablation_importance(subject, PROMPT, layer, kind, measure=measure, positions=positions)
             assert relative_error(fast, slow) <= 1e-4, (kind, layer)
             assert (fast <= everywhere.scores[kind][0, layer] * (1 + 1e-5) + 1e-7).all(), (kind, layer)
 
