@@ -13,9 +13,10 @@ at a time (``safety-circuits detect|tune|evaluate|ablate|report``) or all in ord
     runs/<name>/search.db, results/search.csv   the recipe search (``safety-circuits search``)
     runs/<name>/report.html                     tables and plotly figures, self-contained
 
-Prompt splits never cross: neurons are found on HarmBench *val*; refusal documents use HarmBench
-val and the AdvBench *train* split; retain documents the harmless *train* split; everything is
-evaluated on HarmBench *test*, the harmless *eval* split and the capability questions.
+Prompt splits never cross: neurons are found on HarmBench *val* (and, for the contrastive sets,
+harmless *train* prompts); refusal documents use HarmBench val and the AdvBench *train* split;
+retain documents the harmless *train* split; the recipe search reads the *validation* halves of
+the held-out suites; the models are evaluated on their *test* halves and the capability questions.
 """
 
 from __future__ import annotations

@@ -310,19 +310,14 @@ class RecipeSearch:
         """The stored study (created if new). The sampler's seed moves on with the number of
         trials stored, so a resumed search does not redraw its first recipes."""
         self.storage.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{self.storage.resolve()}"
-        existing = (
-            optuna.load_study(study_name=self.study_name, storage=url) if self.storage.exists() else None
-        )
-        done = len(existing.trials) if existing is not None else 0
-        sampler = optuna.samplers.TPESampler(seed=self.seed + done, multivariate=True)
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=self.study_name,
-            storage=url,
+            storage=f"sqlite:///{self.storage.resolve()}",
             directions=["minimize"] * len(OBJECTIVES),
-            sampler=sampler,
             load_if_exists=True,
         )
+        study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials), multivariate=True)
+        return study
 
     def run(self, trials: int | None = 10, timeout: float | None = None) -> SearchResult:
         """Run ``trials`` more trials (or until ``timeout`` seconds) and return every complete one."""
