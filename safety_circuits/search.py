@@ -125,7 +125,7 @@ class SearchSpace:
 @dataclass
 class SearchResult:
     """The complete trials of a study: one row each with the recipe, the three validation
-    objectives, the number of neurons tuned and the trial's seconds."""
+    objectives, the number of neurons tuned, the tuning run's seconds and the trial's."""
 
     frame: pd.DataFrame
 
@@ -138,13 +138,18 @@ class SearchResult:
         keep = [not any((other <= row).all() and (other < row).any() for other in values) for row in values]
         return self.frame[keep]
 
-    def choose(self, max_over_refusal: float = 0.10, max_kl: float = 0.10) -> Recipe:
+    def choose(
+        self, max_over_refusal: float = 0.10, max_kl: float = 0.10, max_tune_seconds: float | None = None
+    ) -> Recipe:
         """The Pareto trial with the lowest ASR among those within ``max_over_refusal`` and
-        ``max_kl`` (on validation); without any, the one with the lowest sum of the objectives."""
+        ``max_kl`` (on validation) and, if given, ``max_tune_seconds`` of tuning; without any,
+        the one with the lowest sum of the objectives."""
         if self.frame.empty:
             raise ValueError("the study has no complete trial yet: run the search first")
         front = self.pareto()
         within = front[(front["over_refusal"] <= max_over_refusal) & (front["kl"] <= max_kl)]
+        if max_tune_seconds is not None:
+            within = within[within["tune_seconds"] <= max_tune_seconds]
         if within.empty:
             row = front.loc[front[list(OBJECTIVES)].sum(axis=1).idxmin()]
         else:
@@ -160,7 +165,16 @@ class SearchResult:
             y="asr",
             color="kl",
             symbol="rule",
-            hover_data=["number", "quantile", "lr", "epochs", "retain_kl", "train_harmful", "neurons"],
+            hover_data=[
+                "number",
+                "quantile",
+                "lr",
+                "epochs",
+                "retain_kl",
+                "train_harmful",
+                "neurons",
+                "tune_seconds",
+            ],
             title="Recipe search on validation splits (lower left is better; Pareto front ringed)",
         )
         front = frame[frame["pareto"]].sort_values("over_refusal")
@@ -281,7 +295,9 @@ class RecipeSearch:
         settings = {"lr": recipe.lr, "epochs": recipe.epochs, "retain_kl": recipe.retain_kl}
         config = TuneConfig(**{**self.tune_config.to_dict(), **settings})
         reference = reference_states(self.subject, docs, config.max_length) if recipe.retain_kl else None
+        tuned_at = time.perf_counter()
         tuned = tune(self.subject, docs, neurons, config=config, progress=False, reference=reference).subject
+        tune_seconds = time.perf_counter() - tuned_at
         result = evaluate_suites(
             tuned,
             self.suites,
@@ -302,6 +318,7 @@ class RecipeSearch:
             "over_refusal": float(harmless["refused"].mean()),
             "kl": kl,
             "neurons": len(neurons),
+            "tune_seconds": tune_seconds,
             "seconds": time.perf_counter() - start,
         }
 
@@ -331,7 +348,7 @@ class RecipeSearch:
         def objective(trial: optuna.Trial) -> tuple[float, ...]:
             recipe = self.space.suggest(trial)
             measured = self.evaluate(recipe)
-            for key in ("neurons", "seconds"):
+            for key in ("neurons", "tune_seconds", "seconds"):
                 trial.set_user_attr(key, measured[key])
             logger.info("trial %d %s: %s", trial.number, recipe, measured)
             return tuple(measured[k] for k in OBJECTIVES)
@@ -351,9 +368,10 @@ def result_of(study: optuna.Study) -> SearchResult:
             **Recipe.from_dict(t.params).to_dict(),
             **dict(zip(OBJECTIVES, t.values, strict=True)),
             "neurons": t.user_attrs.get("neurons"),
+            "tune_seconds": t.user_attrs.get("tune_seconds"),
             "seconds": t.user_attrs.get("seconds"),
         }
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     ]
-    columns = ["number", *(f.name for f in fields(Recipe)), *OBJECTIVES, "neurons", "seconds"]
+    columns = ["number", *(f.name for f in fields(Recipe)), *OBJECTIVES, "neurons", "tune_seconds", "seconds"]
     return SearchResult(pd.DataFrame(rows, columns=columns))

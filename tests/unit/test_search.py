@@ -43,7 +43,10 @@ def test_search_runs_resumes_and_reads_validation_only(make_subject, tmp_path, v
     first = small_search(subject, storage).run(trials=2)
     assert list(first.frame["number"]) == [0, 1]
     assert first.frame[["asr", "over_refusal"]].stack().between(0, 1).all() and (first.frame["kl"] >= 0).all()
-    assert (first.frame["neurons"] > 0).all() and (first.frame["seconds"] > 0).all()
+    assert (first.frame["neurons"] > 0).all()
+    assert (first.frame["seconds"] > first.frame["tune_seconds"]).all() and (
+        first.frame["tune_seconds"] > 0
+    ).all()
     # a new process on the same file goes on from the stored trials
     again = small_search(subject, storage)
     result = again.run(trials=1)
@@ -80,7 +83,8 @@ def _result(values: list[tuple[float, float, float]]) -> SearchResult:
         {"number": i, **Recipe(lr=1e-4 * (i + 1)).to_dict(), **dict(zip(OBJECTIVES, v, strict=True))}
         for i, v in enumerate(values)
     ]
-    return SearchResult(pd.DataFrame(rows).assign(neurons=10, seconds=1.0))
+    frame = pd.DataFrame(rows).assign(neurons=10, seconds=100.0)
+    return SearchResult(frame.assign(tune_seconds=[10.0 * (i + 1) for i in range(len(frame))]))
 
 
 def test_pareto_front_and_choice():
@@ -90,6 +94,7 @@ def test_pareto_front_and_choice():
     assert list(result.pareto()["number"]) == [0, 1, 3]  # 2 is beaten by 1 everywhere, 4 by all
     assert result.choose() == Recipe(lr=2e-4)  # the lowest ASR within over-refusal 0.1 and KL 0.1
     assert result.choose(max_kl=1.0) == Recipe(lr=4e-4)
+    assert result.choose(max_kl=1.0, max_tune_seconds=25) == Recipe(lr=2e-4)  # trial 3 tunes for 40 s
     assert result.choose(max_over_refusal=0.01) == Recipe(lr=2e-4)  # none within: smallest sum
     fig = result.plot()
     assert fig.data[-1].name == "Pareto front" and len(fig.data[-1].x) == 3
