@@ -103,7 +103,7 @@ class RunConfig:
     judge: str = "phrases"  # measures best on PyRIT's held-out human labels (judge.judge_table)
     capability: int = 90  # of the 180 questions
     max_new_tokens: int = 32  # examples/token_budget.py on validation splits: within 0.02 of 128 tokens
-    random_seeds: int = 1  # random neuron sets of Deact-R
+    random_seeds: int = 3  # random neuron sets of Deact-R (and of each set's specificity in detect)
 
     def __post_init__(self) -> None:
         if isinstance(self.positions, str) and self.positions.isdigit():  # from the command line
@@ -254,7 +254,7 @@ def detect(run: Run) -> dict[str, NeuronSet]:
     harmless = data.suite("harmless").prompts("validation", n=SPECIFICITY_PROMPTS, seed=cfg.seed)
     tunable = {name: sets[name] for name in TUNABLE if len(sets[name])}
     specificity = ablation.zeroing_kl(
-        subject, tunable, harmless, random_seeds=3, batch_size=EVAL_BATCH, use="hf"
+        subject, tunable, harmless, random_seeds=cfg.random_seeds, batch_size=EVAL_BATCH, use="hf"
     )
     _write_csv(run.path("neurons", "specificity.csv"), specificity)
     logger.info("safety neurons: %d (%.2f%%) in %.0f s", len(safety), 100 * safety.fraction_of(), seconds)
@@ -484,8 +484,9 @@ def report(run: Run) -> Path:
         if specificity is not None:
             blocks += [
                 f"Specificity on the original model: mean KL of next-token distributions on "
-                f"{SPECIFICITY_PROMPTS} harmless validation prompts with the set zeroed, against 3 "
-                "random sets of the same counts per layer and kind (small kl and kl_ratio: specific).",
+                f"{SPECIFICITY_PROMPTS} harmless validation prompts with the set zeroed, against "
+                f"{cfg.random_seeds} random sets of the same counts per layer and kind (small kl and "
+                "kl_ratio: specific).",
                 specificity,
             ]
         sections.append(("Neuron sets", blocks))

@@ -58,7 +58,7 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
         "sn_tune"
     }
     deactivation = pd.read_csv(run / "results" / "deactivation.csv")
-    assert list(deactivation["setting"]) == ["Origin", "Deact-R", "Deact-SN"]
+    assert list(deactivation["setting"]) == ["Origin", "Deact-R", "Deact-R", "Deact-R", "Deact-SN"]
     html = (run / "report.html").read_text()
     assert "<h2>Held-out suites</h2>" in html and "random, mean of 2 seeds" in html
     lrs = {
