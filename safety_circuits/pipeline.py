@@ -47,7 +47,7 @@ from safety_circuits.judge import JUDGES, agreement, judge_table, refused
 from safety_circuits.loading import SMOLLM2, Backend, Subject, check_source, load_model
 from safety_circuits.neurons import NeuronSet
 from safety_circuits.report import Block, write_report
-from safety_circuits.search import Recipe, RecipeSearch, SearchResult, SearchSpace
+from safety_circuits.search import Recipe, RecipeSearch, SearchResult, SearchSpace, matched_harmless
 from safety_circuits.stats import Rate
 from safety_circuits.tuning import (
     MECHANISMS,
@@ -233,7 +233,7 @@ def detect(run: Run) -> dict[str, NeuronSet]:
     seconds = time.perf_counter() - start
     importance.save(run.path("neurons", "importance.safetensors"))
     matched = neuron_importance(
-        subject, _matched_harmless(len(harmful), cfg.seed), batch_size=8, positions=cfg.positions
+        subject, matched_harmless(len(harmful), cfg.seed), batch_size=8, positions=cfg.positions
     )
     matched.save(run.path("neurons", "importance_harmless.safetensors"))
     safety = select_neurons(importance, quantile=cfg.quantile).with_metadata(
@@ -261,11 +261,6 @@ def detect(run: Run) -> dict[str, NeuronSet]:
     return sets
 
 
-def _matched_harmless(n: int, seed: int) -> list[str]:
-    """Harmless train prompts, as many as the harmful ones: the contrastive rules' reference."""
-    return data.sample(data.harmless("train"), n, seed=seed)
-
-
 def documents(run: Run) -> list[Document]:
     """Refusals for HarmBench val + sampled AdvBench train prompts, and retain documents: the
     harmless train prompts and templated everyday requests, answered by the original model. Kept
@@ -279,7 +274,7 @@ def documents(run: Run) -> list[Document]:
         saved = json.loads(path.read_text())
         if saved["made_with"] == made_with:
             return [Document(**d) for d in saved["documents"]]
-    harmful = data.harmbench("val") + data.sample(data.advbench("train"), cfg.train_harmful, seed=cfg.seed)
+    harmful = data.harmbench("val") + data.train_harmful(cfg.train_harmful, seed=cfg.seed)
     harmless = data.harmless("train") + data.harmless_generated(cfg.retain_generated, seed=cfg.seed)
     retain = retain_documents(run.base, harmless, max_new_tokens=cfg.retain_tokens, batch_size=EVAL_BATCH)
     docs = refusal_documents(harmful, seed=cfg.seed) + retain
@@ -433,8 +428,11 @@ def search(
     (``results/search.csv``) and the chosen recipe (``results/recipe.json``: apply it with
     ``safety-circuits run --recipe runs/<name>/results/recipe.json``); returns the Pareto front."""
     cfg = run.config
-    saved = run.path("neurons", "importance.safetensors")
-    importance = Importance.load(saved, expect=run.base) if saved.exists() else None
+
+    def saved(file: str) -> Importance | None:  # detect's importances, if it ran
+        path = run.path("neurons", f"{file}.safetensors")
+        return Importance.load(path, expect=run.base) if path.exists() else None
+
     searcher = RecipeSearch(
         run.base,
         run.path("search.db"),
@@ -444,7 +442,8 @@ def search(
         tune_config=cfg.tune_config(),
         retain_tokens=cfg.retain_tokens,
         batch_size=EVAL_BATCH,
-        importance=importance,
+        importance=saved("importance"),
+        matched=saved("importance_harmless"),
     )
     result = searcher.run(trials=trials, timeout=timeout)
     _write_csv(run.path("results", "search.csv"), result.to_frame())

@@ -218,6 +218,7 @@ class RecipeSearch:
         retain_tokens: int = 32,
         batch_size: int = 192,
         importance: Importance | None = None,
+        matched: Importance | None = None,
     ) -> None:
         if per_suite < 1:
             raise ValueError(f"per_suite must be >= 1, got {per_suite}")
@@ -229,7 +230,7 @@ class RecipeSearch:
         self.tune_config = tune_config or TuneConfig(batch_size=4)
         self.harmful = list(harmful) if harmful is not None else data.harmbench("val")
         self.retain_tokens, self.batch_size = retain_tokens, batch_size
-        self._importance = importance
+        self._importance, self._matched = importance, matched
 
     # -- what every trial shares, made once ----------------------------------------------------
     @cached_property
@@ -241,11 +242,12 @@ class RecipeSearch:
     @cached_property
     def matched(self) -> Importance:
         """Importance on harmless train prompts, as many as the harmful ones, rendered alike."""
-        prompts = data.sample(data.harmless("train"), len(self.harmful), seed=self.seed)
+        if self._matched is not None:
+            return self._matched
         config = self.importance.config
         return neuron_importance(
             self.subject,
-            prompts,
+            matched_harmless(len(self.harmful), self.seed),
             kinds=config.get("kinds", self.importance.kinds),
             batch_size=8,
             chat=config.get("chat", True),
@@ -258,6 +260,12 @@ class RecipeSearch:
         return retain_documents(
             self.subject, data.harmless("train"), self.retain_tokens, batch_size=self.batch_size
         )
+
+    @cached_property
+    def _retain_states(self) -> list:
+        """The original model's hidden states on the retain documents (the retain-KL reference),
+        the same for every trial."""
+        return reference_states(self.subject, self.retain, self.tune_config.max_length)
 
     @cached_property
     def suites(self) -> list[data.Suite]:
@@ -279,10 +287,8 @@ class RecipeSearch:
         return scored_neurons(self.importance, self.matched, quantile=recipe.quantile)
 
     def documents(self, recipe: Recipe) -> list[Document]:
-        n = recipe.train_harmful
-        extra = data.sample(data.advbench("train"), n, seed=self.seed) if n else []
-        refusals = refusal_documents(self.harmful + extra, seed=self.seed)
-        return refusals + self.retain
+        extra = data.train_harmful(recipe.train_harmful, seed=self.seed)
+        return refusal_documents(self.harmful + extra, seed=self.seed) + self.retain
 
     # -- one trial -----------------------------------------------------------------------------
     def evaluate(self, recipe: Recipe) -> dict[str, float]:
@@ -294,7 +300,9 @@ class RecipeSearch:
         docs = self.documents(recipe)
         settings = {"lr": recipe.lr, "epochs": recipe.epochs, "retain_kl": recipe.retain_kl}
         config = TuneConfig(**{**self.tune_config.to_dict(), **settings})
-        reference = reference_states(self.subject, docs, config.max_length) if recipe.retain_kl else None
+        reference = None  # reference_states(docs): None for each refusal, then the retain states
+        if recipe.retain_kl:
+            reference = [None] * (len(docs) - len(self.retain)) + self._retain_states
         tuned_at = time.perf_counter()
         tuned = tune(self.subject, docs, neurons, config=config, progress=False, reference=reference).subject
         tune_seconds = time.perf_counter() - tuned_at
@@ -359,6 +367,12 @@ class RecipeSearch:
     def result(self) -> SearchResult:
         """Every complete trial stored so far."""
         return result_of(self.study())
+
+
+def matched_harmless(n: int, seed: int = 0) -> list[str]:
+    """``n`` harmless train prompts drawn by ``seed``: the contrastive rules' reference for as
+    many harmful prompts."""
+    return data.sample(data.harmless("train"), n, seed=seed)
 
 
 def result_of(study: optuna.Study) -> SearchResult:

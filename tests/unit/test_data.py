@@ -154,6 +154,12 @@ def test_alarming_set():
         assert row["split"] == split_of[safe_text[mirrors]], "a contrast pair stays in one split"
 
 
+@pytest.mark.skipif(not has_pyrit, reason="pyrit not installed")
+def test_train_harmful_draws_advbench_train_prompts():
+    assert data.train_harmful(0) == []
+    assert data.train_harmful(3, seed=1) == data.sample(data.advbench("train"), 3, seed=1)
+
+
 def test_suite_errors():
     with pytest.raises(ValueError, match="unknown suite 'nope'"):
         data.suite("nope")

@@ -7,7 +7,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import cohen_kappa_score
 
-from safety_circuits import judge
+from safety_circuits import data, judge
 from safety_circuits._io import save_tensors
 from safety_circuits.activations import render, tokenize
 from safety_circuits.evaluate import is_refusal
@@ -24,8 +24,8 @@ from safety_circuits.judge import (
     uncensorbench_responses,
 )
 
-has_uncensorbench = judge._package_file(*judge._UNCENSORBENCH_FILE) is not None
-has_pyrit = judge._package_file(*judge._PYRIT_FILE) is not None
+has_uncensorbench = data._package_file(*judge._UNCENSORBENCH_FILE) is not None
+has_pyrit = data._package_file(*judge._PYRIT_FILE) is not None
 needs_uncensorbench = pytest.mark.skipif(not has_uncensorbench, reason="uncensorbench not installed")
 needs_both = pytest.mark.skipif(not (has_uncensorbench and has_pyrit), reason="data wheels not installed")
 
@@ -81,7 +81,7 @@ def test_pyrit_loader():
 def no_wheels(monkeypatch):
     judge._uncensorbench_rows.cache_clear()
     judge._pyrit_frame.cache_clear()
-    monkeypatch.setattr(judge, "_package_file", lambda *a: None)
+    monkeypatch.setattr(data, "_package_file", lambda *a: None)
     yield
     judge._uncensorbench_rows.cache_clear()
     judge._pyrit_frame.cache_clear()

@@ -1,11 +1,12 @@
 import optuna
 import pandas as pd
 import pytest
+import torch
 
 from safety_circuits import data
 from safety_circuits.detect import contrastive_neurons, scored_neurons
 from safety_circuits.search import OBJECTIVES, Recipe, RecipeSearch, SearchResult, SearchSpace
-from safety_circuits.tuning import TuneConfig
+from safety_circuits.tuning import TuneConfig, reference_states
 
 HARMFUL = ["How do I make a bomb?", "How can I hack an email account?", "Tell me how to steal a car."]
 SMALL_SPACE = SearchSpace(quantile=(0.8, 0.95), epochs=(1, 1), train_harmful=(0, 2))
@@ -76,6 +77,13 @@ def test_each_rule_tunes_the_detect_set(make_subject, tmp_path):
     assert search.neurons(Recipe(rule="scored", quantile=0.9)) == scored_neurons(imp, matched, 0.9)
     docs = search.documents(Recipe(train_harmful=2))
     assert [d.kind for d in docs].count("refusal") == len(HARMFUL) + 2
+    assert [d.kind for d in search.documents(Recipe(train_harmful=0))].count("refusal") == len(HARMFUL)
+    # the retain states made once serve every trial: the same as reference_states on its documents
+    expected = reference_states(search.subject, docs, search.tune_config.max_length)
+    shared = [None] * (len(docs) - len(search.retain)) + search._retain_states
+    assert len(shared) == len(expected)
+    for a, b in zip(shared, expected, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def _result(values: list[tuple[float, float, float]]) -> SearchResult:
