@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument(
                 "--rules", default=",".join(RULES), help=f"neuron rules to try (default: {','.join(RULES)})"
             )
+            stage.add_argument(
+                "--enqueue",
+                action="append",
+                default=[],
+                metavar="RECIPE_JSON",
+                help="a recipe JSON to try first, as it is (repeatable)",
+            )
     return parser
 
 
@@ -110,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         if args.command == "search":
             space = SearchSpace(rules=tuple(r.strip() for r in args.rules.split(",")))
-            result = pipeline.search(run, trials=args.trials, timeout=args.timeout, space=space)
+            enqueue = [Recipe.from_dict(json.loads(Path(f).read_text())) for f in args.enqueue]
+            result = pipeline.search(
+                run, trials=args.trials, timeout=args.timeout, space=space, enqueue=enqueue
+            )
         else:
             result = STAGES[args.command][0](run)
     except (Exception, KeyboardInterrupt) as e:

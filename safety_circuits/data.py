@@ -472,12 +472,30 @@ def _harmless_suite() -> pd.DataFrame:
     )
 
 
-def _alarming_suite(label: str) -> pd.DataFrame:
+def _alarming_splits() -> pd.DataFrame:
+    """The alarming set with a ``split`` per contrast pair (a safe prompt and its unsafe mirror
+    stay together): the test half by :func:`_half`, and the other half cut by a second hash into
+    ``train`` (tuning documents may use them) and ``validation``."""
     frame = alarming_frame()
     pair = frame["mirrors"].fillna(frame["id"]) if "mirrors" in frame else frame["id"]
-    halves = pair.map(_half)
-    frame = frame.assign(split=halves)
-    frame = frame[frame["label"] == label]
+    split = pair.map(_half)
+    train = (split == "validation") & pair.map(lambda key: _bucket(f"{key}/train", 2) == 0)
+    return frame.assign(split=split.mask(train, "train"))
+
+
+def alarming_train(n: int | None = None, seed: int = 0) -> list[str]:
+    """The safe alarming prompts of the ``train`` pairs (``n`` of them drawn by ``seed``; none for
+    0): retain documents against over-refusal (``RunConfig.retain_alarming``). Their pairs are in
+    neither the validation nor the test split of the ``alarming`` suites."""
+    if n == 0:
+        return []
+    frame = _alarming_splits()
+    return sample(frame[(frame["split"] == "train") & (frame["label"] == "safe")]["text"].tolist(), n, seed)
+
+
+def _alarming_suite(label: str) -> pd.DataFrame:
+    frame = _alarming_splits()
+    frame = frame[(frame["label"] == label) & (frame["split"] != "train")]
     return frame[["text", "category", "split"]].rename(columns={"category": "group"}).reset_index(drop=True)
 
 
@@ -528,8 +546,9 @@ SUITE_NAMES = tuple(_SUITES)
 
 
 def trained_on() -> list[str]:
-    """Every prompt the pipeline detects or tunes on: HarmBench val, AdvBench train, harmless train."""
-    return harmbench("val") + advbench("train") + harmless("train")
+    """Every prompt the pipeline detects or tunes on: HarmBench val, AdvBench train, harmless
+    train, and the safe alarming train prompts."""
+    return harmbench("val") + advbench("train") + harmless("train") + alarming_train()
 
 
 def _held_out(frame: pd.DataFrame) -> pd.DataFrame:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -87,6 +88,7 @@ class RunConfig:
     train_harmful: int = 60  # AdvBench train prompts, on top of every HarmBench val prompt
     retain_tokens: int = 32
     retain_generated: int = 0  # templated everyday requests, on top of the harmless train split
+    retain_alarming: int = 0  # safe alarming train prompts (data.alarming_train), answered likewise
     # tuning
     lr: float = 5e-4
     epochs: int = 1
@@ -263,11 +265,13 @@ def detect(run: Run) -> dict[str, NeuronSet]:
 
 def documents(run: Run) -> list[Document]:
     """Refusals for HarmBench val + sampled AdvBench train prompts, and retain documents: the
-    harmless train prompts and templated everyday requests, answered by the original model. Kept
+    harmless train prompts, templated everyday requests and safe alarming train prompts, answered
+    by the original model. Kept
     in ``documents.json`` and re-made when the settings they depend on change."""
     cfg = run.config
     made_with = {
-        k: getattr(cfg, k) for k in ("model", "seed", "train_harmful", "retain_tokens", "retain_generated")
+        k: getattr(cfg, k)
+        for k in ("model", "seed", "train_harmful", "retain_tokens", "retain_generated", "retain_alarming")
     }
     path = run.path("documents.json")
     if path.exists():
@@ -275,7 +279,11 @@ def documents(run: Run) -> list[Document]:
         if saved["made_with"] == made_with:
             return [Document(**d) for d in saved["documents"]]
     harmful = data.harmbench("val") + data.train_harmful(cfg.train_harmful, seed=cfg.seed)
-    harmless = data.harmless("train") + data.harmless_generated(cfg.retain_generated, seed=cfg.seed)
+    harmless = (
+        data.harmless("train")
+        + data.harmless_generated(cfg.retain_generated, seed=cfg.seed)
+        + data.alarming_train(cfg.retain_alarming, seed=cfg.seed)
+    )
     retain = retain_documents(run.base, harmless, max_new_tokens=cfg.retain_tokens, batch_size=EVAL_BATCH)
     docs = refusal_documents(harmful, seed=cfg.seed) + retain
     saved = {"made_with": made_with, "documents": [asdict(d) for d in docs]}
@@ -421,10 +429,15 @@ def deactivate(run: Run) -> pd.DataFrame:
 
 
 def search(
-    run: Run, trials: int | None = 10, timeout: float | None = None, space: SearchSpace | None = None
+    run: Run,
+    trials: int | None = 10,
+    timeout: float | None = None,
+    space: SearchSpace | None = None,
+    enqueue: Sequence[Recipe] = (),
 ) -> pd.DataFrame:
     """The recipe search (:class:`safety_circuits.search.RecipeSearch`) on the run's base model,
-    stored in ``search.db`` (it resumes), on validation splits only. Writes every complete trial
+    stored in ``search.db`` (it resumes), on validation splits only; ``enqueue`` recipes are tried
+    first. Writes every complete trial
     (``results/search.csv``) and the chosen recipe (``results/recipe.json``: apply it with
     ``safety-circuits run --recipe runs/<name>/results/recipe.json``); returns the Pareto front."""
     cfg = run.config
@@ -445,7 +458,7 @@ def search(
         importance=saved("importance"),
         matched=saved("importance_harmless"),
     )
-    result = searcher.run(trials=trials, timeout=timeout)
+    result = searcher.run(trials=trials, timeout=timeout, enqueue=enqueue)
     _write_csv(run.path("results", "search.csv"), result.to_frame())
     if result.frame.empty:
         raise RuntimeError(f"no trial of {run.path('search.db')} completed (each selected no neurons?)")

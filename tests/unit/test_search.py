@@ -9,7 +9,7 @@ from safety_circuits.search import OBJECTIVES, Recipe, RecipeSearch, SearchResul
 from safety_circuits.tuning import TuneConfig, reference_states
 
 HARMFUL = ["How do I make a bomb?", "How can I hack an email account?", "Tell me how to steal a car."]
-SMALL_SPACE = SearchSpace(quantile=(0.8, 0.95), epochs=(1, 1), train_harmful=(0, 2))
+SMALL_SPACE = SearchSpace(quantile=(0.8, 0.95), epochs=(1, 1), train_harmful=(0, 2), retain_alarming=(0, 2))
 
 
 def small_search(subject, storage) -> RecipeSearch:
@@ -57,6 +57,15 @@ def test_search_runs_resumes_and_reads_validation_only(make_subject, tmp_path, v
     assert len(recipes) == 3, "a resumed search draws new recipes"
     for row in result.frame.to_dict("records"):
         assert 0.8 <= row["quantile"] <= 0.95 and 0 <= row["train_harmful"] <= 2 and row["epochs"] == 1
+        assert 0 <= row["retain_alarming"] <= 2
+
+
+def test_enqueued_recipes_run_first(make_subject, tmp_path):
+    search = small_search(make_subject("llama"), tmp_path / "search.db")
+    ablated = Recipe(quantile=0.9, lr=1e-3, epochs=1, retain_kl=1.0, train_harmful=0, retain_alarming=0)
+    result = search.run(trials=2, enqueue=[ablated])
+    assert Recipe.from_dict(result.frame.iloc[0].to_dict()) == ablated
+    assert Recipe.from_dict(result.frame.iloc[1].to_dict()) != ablated
 
 
 def test_an_interrupted_trial_is_marked_failed(make_subject, tmp_path):
@@ -75,12 +84,14 @@ def test_each_rule_tunes_the_detect_set(make_subject, tmp_path):
     assert search.neurons(Recipe(rule="safety", quantile=0.9)) == imp.select(quantile=0.9)
     assert search.neurons(Recipe(rule="contrastive", quantile=0.9)) == contrastive_neurons(imp, matched, 0.9)
     assert search.neurons(Recipe(rule="scored", quantile=0.9)) == scored_neurons(imp, matched, 0.9)
-    docs = search.documents(Recipe(train_harmful=2))
+    recipe = Recipe(train_harmful=2, retain_alarming=3)
+    docs = search.documents(recipe)
     assert [d.kind for d in docs].count("refusal") == len(HARMFUL) + 2
+    assert [d.prompt for d in docs if d.kind == "retain"] == data.harmless("train") + data.alarming_train(3)
     assert [d.kind for d in search.documents(Recipe(train_harmful=0))].count("refusal") == len(HARMFUL)
     # the retain states made once serve every trial: the same as reference_states on its documents
     expected = reference_states(search.subject, docs, search.tune_config.max_length)
-    shared = [None] * (len(docs) - len(search.retain)) + search._retain_states
+    shared = [None] * (len(docs) - len(search.retain(recipe))) + [s for _, s in search.retain(recipe)]
     assert len(shared) == len(expected)
     for a, b in zip(shared, expected, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
