@@ -33,6 +33,7 @@ STAGES: dict[str, tuple[Callable[[Run], Any], str]] = {
     "tune": (pipeline.tune_models, "SN-Tune the safety neurons (and the controls)"),
     "evaluate": (pipeline.evaluate_models, "ASR, over-refusal, capability and KL of every model"),
     "ablate": (pipeline.deactivate, "Deact-SN vs Deact-R on the SN-Tuned model"),
+    "detector": (pipeline.detector, "the unsafe-output detector across suites (features x training data)"),
     "report": (pipeline.report, "write report.html from the run folder"),
     "search": (pipeline.search, "search SN-Tune recipes on validation splits (Optuna; resumes)"),
     "run": (pipeline.run_all, "all of the above, in order"),

@@ -326,6 +326,13 @@ class Subject:
     max_ctx: int = DEFAULT_MAX_CTX
     _tl: Any = field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        """``max_ctx`` no longer than the positions the model has (TransformerLens' ``n_ctx``)."""
+        config = self.hf.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if positions:
+            self.max_ctx = min(self.max_ctx, positions)
+
     @property
     def tl(self) -> Any:
         """The ``HookedTransformer`` or ``TransformerBridge`` on ``hf``'s weights."""

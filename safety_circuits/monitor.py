@@ -113,6 +113,23 @@ def _check_labels(labels: Any, n: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def threshold_for_fpr(safe_scores: Sequence[float] | np.ndarray, fpr: float) -> float:
+    """The lowest threshold that flags (score >= threshold) at most ``fpr`` of ``safe_scores``.
+
+    >>> scores = [0.1, 0.2, 0.3, 0.4, 0.9]
+    >>> t = threshold_for_fpr(scores, 0.2)
+    >>> 0.4 < t < 0.41, sum(s >= t for s in scores)
+    (True, 1)
+    """
+    scores = np.sort(np.asarray(safe_scores, dtype=np.float64))
+    if not len(scores):
+        raise ValueError("give at least one safe prompt's score")
+    if not 0 <= fpr < 1:
+        raise ValueError(f"fpr must be in [0, 1), got {fpr}")
+    allowed = int(np.floor(fpr * len(scores) + 1e-9))
+    return float(min(np.nextafter(scores[len(scores) - allowed - 1], np.inf), 1.0))
+
+
 # -- evaluation ------------------------------------------------------------------------------------
 @dataclass
 class DetectorEval:
@@ -296,6 +313,21 @@ class UnsafeOutputDetector:
         )
         frame["predicted"] = frame["predicted"].astype(np.int64)
         return DetectorEval(frame, self.threshold, config={"subject": subject.name, **self.config})
+
+    def calibrate(
+        self, subject: Subject, safe_prompts: Sequence[str], fpr: float = 0.05, batch_size: int = 8
+    ) -> UnsafeOutputDetector:
+        """Set ``threshold`` so that at most ``fpr`` of ``safe_prompts`` (validation prompts, e.g.
+        the safe-but-alarming set's) are flagged; the calibration is kept in ``config`` and saved
+        with the detector, so :func:`monitor` uses it."""
+        proba = self.predict_proba(subject, check_prompts(safe_prompts), batch_size)
+        self.threshold = threshold_for_fpr(proba, fpr)
+        self.config["calibration"] = {
+            "fpr": fpr,
+            "n_prompts": len(proba),
+            "flagged": float((proba >= self.threshold).mean()),
+        }
+        return self
 
     # files ---------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

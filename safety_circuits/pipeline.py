@@ -36,6 +36,16 @@ import pandas as pd
 from safety_circuits import ablation, data, plots
 from safety_circuits._io import atomic_file
 from safety_circuits.activations import Positions, check_scope
+from safety_circuits.contrast import contrast_activations
+from safety_circuits.crosssuite import (
+    CrossSuiteResult,
+    DirectionFeatures,
+    FeatureFamily,
+    NeuronFeatures,
+    ResidualFeatures,
+    TextFeatures,
+    cross_suite,
+)
 from safety_circuits.detect import (
     contrastive_neurons,
     robust_safety_neurons,
@@ -428,6 +438,36 @@ def deactivate(run: Run) -> pd.DataFrame:
     return table
 
 
+def detector(run: Run) -> pd.DataFrame:
+    """The unsafe-output detector across suites (:func:`safety_circuits.crosssuite.cross_suite`)
+    on the base model: the safety neurons, the tuned rule's set, Chen's contrast neurons (SN-Tuned
+    against base, as many as the safety neurons; when the tuned model exists), the residual stream
+    at the best-probed layer, the refusal direction per layer and the bag-of-words baseline, each
+    fitted on every default training, scored on the evaluation's sample of each test split
+    (``eval_per_suite``). Writes ``results/detector.json`` and ``detector.csv``;
+    returns, per features and training, whether every out-of-suite target holds."""
+    cfg = run.config
+    sets = dict.fromkeys(("safety", cfg.rule))
+    features: list[FeatureFamily] = [
+        NeuronFeatures(run.neurons(name), name=f"{name} neurons") for name in sets
+    ]
+    if run.path("models", TUNED).exists():
+        scores = contrast_activations(
+            run.model(TUNED),
+            run.base,
+            data.harmbench("val"),
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=EVAL_BATCH,
+        )
+        features.append(NeuronFeatures(scores.top(k=len(run.neurons("safety"))), name="contrast neurons"))
+    features += [ResidualFeatures(), DirectionFeatures(), TextFeatures()]
+    test_per_suite = cfg.eval_per_suite or None  # the evaluation's sample of each test split
+    result = cross_suite(run.base, features, test_per_suite=test_per_suite, seed=cfg.seed, batch_size=16)
+    _write_text(run.path("results", "detector.json"), json.dumps(result.to_dict()))
+    _write_csv(run.path("results", "detector.csv"), result.to_frame())
+    return result.meets()
+
+
 def search(
     run: Run,
     trials: int | None = 10,
@@ -521,6 +561,26 @@ def report(run: Run) -> Path:
     deactivation = _read(run, "deactivation.csv")
     if deactivation is not None:
         sections.append(("Deactivation on the SN-Tuned model (paper Table 1)", [deactivation]))
+    if run.path("results", "detector.json").exists():
+        cross = CrossSuiteResult.from_dict(json.loads(run.path("results", "detector.json").read_text()))
+        sections.append(
+            (
+                "Unsafe-output detector across suites (base model, before generation)",
+                [
+                    "Fitted on validation splits (training: advbench = AdvBench vs harmless; "
+                    "+alarming adds the safe-alarming negatives; mixed = every harmful suite with a "
+                    "validation split but the one scored), scored on each harmful test split against "
+                    "the safe-alarming test split. AUROC [95% CI]; * = the suite was trained on. "
+                    "If the text baseline matches the neuron features, they read style.",
+                    cross.table("alarming"),
+                    "False-positive rate on the safe-alarming test split at 95% true-positive rate:",
+                    cross.table("alarming", value="fpr"),
+                    "Target: out-of-suite AUROC >= 0.90 and FPR <= 0.10 on every harmful suite:",
+                    cross.meets().reset_index(),
+                    cross.plot(),
+                ],
+            )
+        )
     timings = _read(run, "timings.csv")
     if timings is not None:
         total = timings["seconds"].sum()
@@ -634,7 +694,7 @@ def run_all(run: Run) -> Path:
     """Every stage in order (wall-clock seconds of each in ``results/timings.csv``); returns the
     report's path."""
     rows = []
-    for stage in (detect, tune_models, evaluate_models, deactivate):
+    for stage in (detect, tune_models, evaluate_models, deactivate, detector):
         start = time.perf_counter()
         stage(run)
         rows.append({"stage": stage.__name__, "seconds": round(time.perf_counter() - start, 1)})

@@ -136,3 +136,85 @@ def paired_bootstrap(
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(means, [tail, 1 - tail])
     return PairedDifference(float(diff.mean()), float(lo), float(hi), mcnemar(a, b), int(diff.size))
+
+
+@dataclass(frozen=True)
+class Separation:
+    """How well scores separate positives (label 1) from negatives: AUROC and the false-positive
+    rate at a true-positive rate of ``tpr``, each with a stratified percentile-bootstrap interval."""
+
+    auroc: float
+    auroc_lo: float
+    auroc_hi: float
+    tpr: float
+    fpr: float
+    fpr_lo: float
+    fpr_hi: float
+    n_pos: int
+    n_neg: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"AUROC {self.auroc:.2f} [{self.auroc_lo:.2f}, {self.auroc_hi:.2f}]"
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """AUROC per row of ``pos [b, n_pos]`` against ``neg [b, n_neg]`` (ties count one half)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([pos, neg], axis=-1), axis=-1)
+    n_pos, n_neg = pos.shape[-1], neg.shape[-1]
+    return (ranks[..., :n_pos].sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _fpr_at(pos: np.ndarray, neg: np.ndarray, tpr: float) -> np.ndarray:
+    """The share of negatives scored at or above the highest threshold that keeps ``tpr`` of the
+    positives at or above it, per row."""
+    k = int(np.floor((1 - tpr) * pos.shape[-1] + 1e-9))
+    threshold = np.sort(pos, axis=-1)[..., k : k + 1]
+    return (neg >= threshold).mean(-1)
+
+
+def separation(
+    labels: Sequence[int] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    tpr: float = 0.95,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Separation:
+    """AUROC and FPR at ``tpr`` of ``scores`` for binary ``labels``, with intervals from a
+    bootstrap that resamples positives and negatives separately.
+
+    >>> s = separation([1, 1, 1, 0, 0, 0], [0.9, 0.8, 0.4, 0.5, 0.2, 0.1], tpr=0.6)
+    >>> round(s.auroc, 3), s.fpr
+    (0.889, 0.0)
+    """
+    y, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must be one value per prompt")
+    pos, neg = s[y == 1], s[y == 0]
+    if not len(pos) or not len(neg) or len(pos) + len(neg) != len(y):
+        raise ValueError("labels must be 0 or 1, with at least one of each")
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    tail = (1 - confidence) / 2
+    _z(confidence)
+    rng = np.random.default_rng(seed)
+    boot_pos = pos[rng.integers(0, len(pos), size=(n_boot, len(pos)))]
+    boot_neg = neg[rng.integers(0, len(neg), size=(n_boot, len(neg)))]
+    aurocs, fprs = _auroc(boot_pos, boot_neg), _fpr_at(boot_pos, boot_neg, tpr)
+    (a_lo, a_hi), (f_lo, f_hi) = np.quantile(aurocs, [tail, 1 - tail]), np.quantile(fprs, [tail, 1 - tail])
+    return Separation(
+        auroc=float(_auroc(pos, neg)),
+        auroc_lo=float(a_lo),
+        auroc_hi=float(a_hi),
+        tpr=tpr,
+        fpr=float(_fpr_at(pos, neg, tpr)),
+        fpr_lo=float(f_lo),
+        fpr_hi=float(f_hi),
+        n_pos=len(pos),
+        n_neg=len(neg),
+    )

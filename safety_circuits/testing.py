@@ -75,7 +75,7 @@ def tiny_config(family: str, vocab_size: int = 400):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
     if family == "llama":
@@ -94,7 +94,7 @@ def tiny_config(family: str, vocab_size: int = 400):
             hidden_activation="gelu_pytorch_tanh",
         )
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=96)
+        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=2048, n_inner=96)
     raise ValueError(family)
 
 

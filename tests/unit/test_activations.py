@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from safety_circuits import load_model
 from safety_circuits.activations import batches, check_prompts, mean_activations, tokenize
+from safety_circuits.testing import tiny_hf
 
 
 def test_mean_activations_equal_direct_computation(make_subject):
@@ -59,3 +61,12 @@ def test_mean_activations_keyed_by_requested_name_on_the_bridge(make_subject):
     subject = make_subject("llama", "bridge")
     names = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
     assert set(mean_activations(subject, ["Hi", "How do I bake bread?"], names)) == set(names)
+
+
+def test_max_ctx_is_at_most_the_models_positions(tokenizer):
+    hf = tiny_hf("llama", len(tokenizer))
+    hf.config.max_position_embeddings = 64
+    subject = load_model(hf, tokenizer=tokenizer)
+    assert subject.max_ctx == subject.tl.cfg.n_ctx == 64
+    with pytest.raises(ValueError, match="longer than max_ctx=64"):
+        tokenize(subject, ["word " * 80])

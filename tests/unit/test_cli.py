@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from safety_circuits import data
 from safety_circuits.cli import STAGES, build_parser, main
+from safety_circuits.crosssuite import TEST_HARMFUL
 from safety_circuits.neurons import NeuronSet, hf_masks
 from safety_circuits.pipeline import Run, RunConfig, documents
 from safety_circuits.testing import tiny_hf
@@ -62,13 +63,18 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     assert list(deactivation["setting"]) == ["Origin", "Deact-R", "Deact-R", "Deact-R", "Deact-SN"]
     html = (run / "report.html").read_text()
     assert "<h2>Held-out suites</h2>" in html and "random, mean of 2 seeds" in html
+    cross = pd.read_csv(run / "results" / "detector.csv")
+    features = ["safety neurons", "contrast neurons", "residual", "direction", "text"]
+    assert sorted(set(cross["features"])) == sorted(features) and (cross["n_pos"] == 2).all()
+    assert set(cross["suite"]) == set(TEST_HARMFUL) and cross["auroc"].between(0, 1).all()
+    assert "Unsafe-output detector across suites" in html
     lrs = {
         m: json.loads((run / "models" / m / "tuning.json").read_text())["config"]["lr"]
         for m in ("sn_tune", "full")
     }
     assert lrs == {"sn_tune": config["lr"], "full": config["full_lr"]}
     timings = pd.read_csv(run / "results" / "timings.csv")
-    assert list(timings["stage"]) == ["detect", "tune_models", "evaluate_models", "deactivate"]
+    assert list(timings["stage"]) == ["detect", "tune_models", "evaluate_models", "deactivate", "detector"]
     assert (timings["seconds"] >= 0).all()
     # the tuned folder is a plain HF model that differs from the original only in the neurons' slices
     tuned = AutoModelForCausalLM.from_pretrained(run / "models" / "sn_tune")

@@ -179,3 +179,18 @@ def test_monitor_flags_stops_and_redirects(make_subject, backend):
         with monitor(subject, detector, threshold=threshold, action="raise"):
             generate(subject, PROMPTS, max_new_tokens=2, progress=False)
     assert generate(subject, PROMPTS, max_new_tokens=n_tokens, progress=False) == plain  # hooks removed
+
+
+def test_calibrate_sets_the_threshold_from_a_false_positive_rate(fitted, tmp_path):
+    subject, detector = fitted
+    safe = [*HARMLESS, "How do I kill a Python process?", "Who shot first in the film?"]
+    calibrated = UnsafeOutputDetector.load(detector.save(tmp_path / "d.safetensors"))
+    calibrated.calibrate(subject, safe, fpr=0.2)
+    proba = calibrated.predict_proba(subject, safe)
+    assert (proba >= calibrated.threshold).sum() == 1  # floor(0.2 * 6) = 1 safe prompt flagged
+    assert calibrated.config["calibration"] == {"fpr": 0.2, "n_prompts": 6, "flagged": 1 / 6}
+    again = UnsafeOutputDetector.load(calibrated.save(tmp_path / "c.safetensors"))
+    assert again.threshold == calibrated.threshold and again.config["calibration"]["fpr"] == 0.2
+    assert not calibrated.calibrate(subject, safe, fpr=0.0).predict(subject, safe).any()
+    with pytest.raises(ValueError, match="fpr must be in"):
+        calibrated.calibrate(subject, safe, fpr=1.0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from safety_circuits.stats import Rate, mcnemar, paired_bootstrap, wilson_interval
+from safety_circuits.stats import Rate, mcnemar, paired_bootstrap, separation, wilson_interval
 
 
 @pytest.mark.parametrize(("k", "n"), [(3, 50), (0, 10), (10, 10), (81, 263), (1, 1)])
@@ -50,3 +50,25 @@ def test_paired_bootstrap():
     assert (same.difference, same.lo, same.hi, same.significant) == (0, 0, 0, False)
     with pytest.raises(ValueError, match="same non-empty"):
         paired_bootstrap(a, b[:10])
+
+
+def test_separation_against_sklearn():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(40, int), np.zeros(60, int)]
+    s = rng.normal(size=100) + 1.5 * y
+    s[5] = s[50]  # a tie across classes
+    sep = separation(y, s)
+    assert sep.auroc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert sep.auroc_lo < sep.auroc < sep.auroc_hi and (sep.n_pos, sep.n_neg) == (40, 60)
+    fpr, tpr, _ = roc_curve(y, s)
+    assert sep.fpr == pytest.approx(fpr[np.argmax(tpr >= 0.95)])  # the first ROC point at 95% TPR
+    assert sep.fpr_lo <= sep.fpr <= sep.fpr_hi
+    assert separation(y, s, seed=1).auroc == sep.auroc
+    perfect = separation([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1])
+    assert (perfect.auroc, perfect.auroc_lo, perfect.fpr) == (1.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="at least one of each"):
+        separation([1, 1], [0.2, 0.3])
+    with pytest.raises(ValueError, match="one value per prompt"):
+        separation([1, 0], [0.2])
