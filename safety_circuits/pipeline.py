@@ -58,7 +58,14 @@ from safety_circuits.judge import JUDGES, agreement, judge_table, refused
 from safety_circuits.loading import SMOLLM2, Backend, Subject, check_source, load_model
 from safety_circuits.neurons import NeuronSet
 from safety_circuits.report import Block, write_report
-from safety_circuits.search import Recipe, RecipeSearch, SearchResult, SearchSpace, matched_harmless
+from safety_circuits.search import (
+    OBJECTIVES,
+    Recipe,
+    RecipeSearch,
+    SearchResult,
+    SearchSpace,
+    matched_harmless,
+)
 from safety_circuits.stats import Rate
 from safety_circuits.tuning import (
     MECHANISMS,
@@ -94,6 +101,9 @@ class RunConfig:
     positions: Positions = "all"
     quantile: float = 0.98
     rule: str = "safety"  # the NeuronSet SN-Tune trains (and Table 1 deactivates): one of TUNABLE
+    variant: str = (
+        "safety"  # another rule tuned with the same recipe (models/sn_tune_<variant>); "" or rule: none
+    )
     # documents
     train_harmful: int = 60  # AdvBench train prompts, on top of every HarmBench val prompt
     retain_tokens: int = 32
@@ -127,6 +137,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.rule not in TUNABLE:
             raise ValueError(f"rule must be one of {TUNABLE}, got {self.rule!r}")
+        if self.variant not in ("", *TUNABLE):
+            raise ValueError(f"variant must be one of {TUNABLE} or empty, got {self.variant!r}")
         if self.judge not in JUDGES:
             raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
         if not 0 < self.quantile < 1:
@@ -208,7 +220,8 @@ class Run:
         """The tuned models saved in the run: SN-Tune, then the controls."""
         folder = self.path("models")
         saved = {p.name for p in folder.iterdir()} if folder.exists() else set()
-        order = [TUNED, *sorted(n for n in saved if n.startswith(RANDOM)), FULL]
+        variants = sorted(n for n in saved if n.startswith(f"{TUNED}_"))
+        order = [TUNED, *variants, *sorted(n for n in saved if n.startswith(RANDOM)), FULL]
         return [n for n in order if n in saved]
 
     # -- prompt sets (fixed by the config's seed) ---------------------------------------------
@@ -302,12 +315,15 @@ def documents(run: Run) -> list[Document]:
 
 
 def tune_models(run: Run) -> pd.DataFrame:
-    """SN-Tune on the safety neurons and, with ``controls``, on random neurons of the same counts
-    per layer and kind, and full fine-tuning on the same documents. Saves each model."""
+    """SN-Tune on the ``rule``'s neurons (and on the ``variant`` rule's, the same recipe) and, with
+    ``controls``, on random neurons of the same counts per layer and kind, and full fine-tuning on
+    the same documents. Saves each model."""
     cfg = run.config
     neurons = run.neurons(cfg.rule)
     docs = documents(run)
     plans: list[tuple[str, NeuronSet | None, Mechanism]] = [(TUNED, neurons, cfg.mechanism)]
+    if cfg.variant and cfg.variant != cfg.rule:
+        plans.append((f"{TUNED}_{cfg.variant}", run.neurons(cfg.variant), cfg.mechanism))
     if cfg.controls:
         seeds = range(cfg.seed, cfg.seed + cfg.control_seeds)
         plans += [(f"{RANDOM}{s - cfg.seed}", neurons.random_like(seed=s), cfg.mechanism) for s in seeds]
@@ -502,7 +518,15 @@ def search(
     _write_csv(run.path("results", "search.csv"), result.to_frame())
     if result.frame.empty:
         raise RuntimeError(f"no trial of {run.path('search.db')} completed (each selected no neurons?)")
-    _write_text(run.path("results", "recipe.json"), json.dumps(result.choose().to_dict(), indent=2))
+    row = result.choice()
+    chosen_from = {k: _plain(row[k]) for k in ("number", *OBJECTIVES, "neurons", "tune_seconds")}
+    provenance = {
+        "trial": chosen_from,
+        "complete_trials": len(result.frame),
+        "study": str(run.path("search.db")),
+    }
+    recipe = {**Recipe.from_dict(row.to_dict()).to_dict(), "search": provenance}
+    _write_text(run.path("results", "recipe.json"), json.dumps(recipe, indent=2))
     return result.pareto()
 
 
@@ -683,6 +707,11 @@ def _rate_table(rates: pd.DataFrame) -> pd.DataFrame:
         )
         table.loc[len(table)] = [f"random, mean of {len(controls)} seeds", spread, ""]
     return table
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value JSON can write."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def _read(run: Run, name: str, folder: str = "results") -> pd.DataFrame | None:

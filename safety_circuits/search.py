@@ -145,9 +145,15 @@ class SearchResult:
     def choose(
         self, max_over_refusal: float = 0.10, max_kl: float = 0.10, max_tune_seconds: float | None = None
     ) -> Recipe:
-        """The Pareto trial with the lowest ASR among those within ``max_over_refusal`` and
-        ``max_kl`` (on validation) and, if given, ``max_tune_seconds`` of tuning; without any,
-        the one with the lowest sum of the objectives."""
+        """The recipe of :meth:`choice`."""
+        return Recipe.from_dict(self.choice(max_over_refusal, max_kl, max_tune_seconds).to_dict())
+
+    def choice(
+        self, max_over_refusal: float = 0.10, max_kl: float = 0.10, max_tune_seconds: float | None = None
+    ) -> pd.Series:
+        """The trial (its row) on the Pareto front with the lowest ASR among those within
+        ``max_over_refusal`` and ``max_kl`` (on validation) and, if given, ``max_tune_seconds`` of
+        tuning; without any, the one with the lowest sum of the objectives."""
         if self.frame.empty:
             raise ValueError("the study has no complete trial yet: run the search first")
         front = self.pareto()
@@ -155,10 +161,8 @@ class SearchResult:
         if max_tune_seconds is not None:
             within = within[within["tune_seconds"] <= max_tune_seconds]
         if within.empty:
-            row = front.loc[front[list(OBJECTIVES)].sum(axis=1).idxmin()]
-        else:
-            row = within.sort_values(["asr", "over_refusal", "kl"]).iloc[0]
-        return Recipe.from_dict(row.to_dict())
+            return front.loc[front[list(OBJECTIVES)].sum(axis=1).idxmin()]
+        return within.sort_values(["asr", "over_refusal", "kl"]).iloc[0]
 
     def plot(self) -> go.Figure:
         """Validation ASR against over-refusal per trial, coloured by KL; the Pareto front ringed."""

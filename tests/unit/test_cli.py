@@ -205,6 +205,9 @@ def test_search_writes_a_recipe_that_run_applies(model_dir, tmp_path, capsys):
     assert main(["search", "--run", str(run), "--trials", "2", "--rules", "safety"]) == 0
     trials = pd.read_csv(run / "results" / "search.csv")
     recipe = json.loads((run / "results" / "recipe.json").read_text())
+    provenance = recipe.pop("search")  # the trial it came from, with its validation objectives
+    chosen = trials.set_index("number").loc[provenance["trial"]["number"]]
+    assert provenance["complete_trials"] == 2 and provenance["trial"]["asr"] == chosen["asr"]
     assert len(trials) == 2 and set(trials["rule"]) == {"safety"} and recipe["lr"] in set(trials["lr"])
     ablated = tmp_path / "ablated.json"
     ablated.write_text(json.dumps({**recipe, "train_harmful": 0, "retain_alarming": 0}))
@@ -217,6 +220,7 @@ def test_search_writes_a_recipe_that_run_applies(model_dir, tmp_path, capsys):
     third = pd.read_csv(run / "results" / "search.csv").iloc[2]
     assert {k: third[k] for k in recipe} == json.loads(ablated.read_text())
     recipe = json.loads((run / "results" / "recipe.json").read_text())
+    recipe.pop("search")
     assert main(["report", "--run", str(run)]) == 0
     assert "Recipe search (validation splits only)" in (run / "report.html").read_text()
     other = tmp_path / "applied"
@@ -237,3 +241,12 @@ def test_documents_follow_the_config(model_dir, tmp_path):
     assert documents(run) == docs  # read back from documents.json
     fewer = Run(run.folder, replace(run.config, retain_alarming=0))
     assert [d.prompt for d in documents(fewer) if d.kind == "retain"] == data.harmless("train")
+
+
+def test_variant_models_are_listed_after_sn_tune(tmp_path):
+    run = Run(tmp_path / "variant", RunConfig(rule="contrastive", variant="safety"))
+    for name in ("full", "random_s1", "sn_tune_safety", "random_s0", "sn_tune"):
+        run.path("models", name).mkdir(parents=True)
+    assert run.tuned_models() == ["sn_tune", "sn_tune_safety", "random_s0", "random_s1", "full"]
+    with pytest.raises(ValueError, match="variant must be one of"):
+        RunConfig(variant="everything")
