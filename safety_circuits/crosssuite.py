@@ -89,17 +89,15 @@ class Training:
         return tuple(s for s in self.positives if s not in dropped)
 
 
-#: The default trainings: AdvBench's style alone, with safe-alarming negatives, and every harmful
-#: suite with a validation split but the one scored.
+#: The default trainings, two by two: AdvBench alone or every harmful suite with a validation
+#: split but the one scored (``mixed``), against the harmless set alone or with the safe prompts
+#: that look alarming (``+alarming``).
+_MIXED = ("advbench", "donotanswer", "past_tense", "future_tense", "alarming_unsafe")
 TRAININGS = (
     Training("advbench", ("advbench",), ("harmless",)),
     Training("advbench+alarming", ("advbench",), ("harmless", "alarming")),
-    Training(
-        "mixed",
-        ("advbench", "donotanswer", "past_tense", "future_tense", "alarming_unsafe"),
-        ("harmless", "alarming"),
-        leave_out=True,
-    ),
+    Training("mixed", _MIXED, ("harmless",), leave_out=True),
+    Training("mixed+alarming", _MIXED, ("harmless", "alarming"), leave_out=True),
 )
 
 

@@ -591,9 +591,9 @@ def report(run: Run) -> Path:
             (
                 "Unsafe-output detector across suites (base model, before generation)",
                 [
-                    "Fitted on validation splits (training: advbench = AdvBench vs harmless; "
-                    "+alarming adds the safe-alarming negatives; mixed = every harmful suite with a "
-                    "validation split but the one scored), scored on each harmful test split against "
+                    "Fitted on validation splits (training: advbench = AdvBench vs harmless; mixed = "
+                    "every harmful suite with a validation split but the one scored; +alarming adds "
+                    "the safe-alarming negatives), scored on each harmful test split against "
                     "the safe-alarming test split. AUROC [95% CI]; * = the suite was trained on. "
                     "If the text baseline matches the neuron features, they read style.",
                     cross.table("alarming"),
