@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 NeuronRule = Literal["safety", "contrastive", "scored"]
 RULES: tuple[NeuronRule, ...] = ("safety", "contrastive", "scored")
 OBJECTIVES = ("asr", "over_refusal", "kl")
+#: Random trials before TPE models the objectives (Optuna's default is 10; a trial here takes minutes).
+STARTUP_TRIALS = 5
 #: The suites a search measures on (their validation halves); HarmBench has none (its val split
 #: finds the neurons and writes refusal documents).
 VALIDATION_SUITES = (
@@ -103,7 +105,7 @@ class SearchSpace:
 
     rules: tuple[NeuronRule, ...] = RULES
     quantile: tuple[float, float] = (0.95, 0.995)
-    lr: tuple[float, float] = (1e-4, 2e-3)
+    lr: tuple[float, float] = (1e-4, 5e-3)
     epochs: tuple[int, int] = (1, 2)
     retain_kl: tuple[float, float] = (0.0, 10.0)
     train_harmful: tuple[int, int] = (0, 120)
@@ -353,7 +355,9 @@ class RecipeSearch:
             directions=["minimize"] * len(OBJECTIVES),
             load_if_exists=True,
         )
-        study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials), multivariate=True)
+        study.sampler = optuna.samplers.TPESampler(
+            seed=self.seed + len(study.trials), multivariate=True, n_startup_trials=STARTUP_TRIALS
+        )
         return study
 
     def run(
