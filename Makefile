@@ -45,7 +45,7 @@ test-latest:
 	$(LATEST)/bin/python -m pytest -q -m "not slow" tests safety_circuits
 
 demo: $(STAMP)
-	$(VENV)/bin/safety-circuits run --model smollm2-135m-instruct --run runs/demo
+	$(VENV)/bin/safety-circuits run --model smollm2-135m-instruct --run runs/demo --recipe recipes/smollm2-135m-instruct.json
 
 # The fuller evaluation of the demo's models: every test prompt of every suite, all 180
 # capability questions, then Table 1, the detector across suites and the report again (README,
