@@ -48,12 +48,10 @@ demo: $(STAMP)
 	$(VENV)/bin/safety-circuits run --model smollm2-135m-instruct --run runs/demo --recipe recipes/smollm2-135m-instruct.json
 
 # The fuller evaluation of the demo's models: every test prompt of every suite, all 180
-# capability questions, then Table 1, the detector across suites and the report again (README,
-# "Results").
+# capability questions, then Table 1 and the report again (README, "Results").
 evaluate: $(STAMP)
 	$(VENV)/bin/safety-circuits evaluate --run runs/demo --eval-per-suite 0 --capability 180
 	$(VENV)/bin/safety-circuits ablate --run runs/demo
-	$(VENV)/bin/safety-circuits detector --run runs/demo
 	$(VENV)/bin/safety-circuits report --run runs/demo
 
 test: $(STAMP)

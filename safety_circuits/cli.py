@@ -39,7 +39,7 @@ STAGES: dict[str, tuple[Callable[[Run], Any], str]] = {
     "run": (pipeline.run_all, "all of the above, in order"),
 }
 _NEW_RUN = ("detect", "run")  # the stages that start a run folder and take the config options
-_EVALUATING = ("evaluate", "ablate", "detector")  # the stages that may change the evaluation options
+_EVALUATING = ("evaluate", "ablate")  # the stages that may change the evaluation options
 EVAL_OPTIONS = ("eval_per_suite", "judge", "capability", "max_new_tokens", "random_seeds")
 
 

@@ -459,8 +459,8 @@ def detector(run: Run) -> pd.DataFrame:
     on the base model: the safety neurons, the tuned rule's set, Chen's contrast neurons (SN-Tuned
     against base, as many as the safety neurons; when the tuned model exists), the residual stream
     at the best-probed layer, the refusal direction per layer and the bag-of-words baseline, each
-    fitted on every default training, scored on the evaluation's sample of each test split
-    (``eval_per_suite``). Writes ``results/detector.json`` and ``detector.csv``;
+    fitted on every default training, scored on every prompt of each test split (forward passes
+    only, no generation). Writes ``results/detector.json`` and ``detector.csv``;
     returns, per features and training, whether every out-of-suite target holds."""
     cfg = run.config
     sets = dict.fromkeys(("safety", cfg.rule))
@@ -477,8 +477,7 @@ def detector(run: Run) -> pd.DataFrame:
         )
         features.append(NeuronFeatures(scores.top(k=len(run.neurons("safety"))), name="contrast neurons"))
     features += [ResidualFeatures(), DirectionFeatures(), TextFeatures()]
-    test_per_suite = cfg.eval_per_suite or None  # the evaluation's sample of each test split
-    result = cross_suite(run.base, features, test_per_suite=test_per_suite, seed=cfg.seed, batch_size=16)
+    result = cross_suite(run.base, features, seed=cfg.seed, batch_size=16)
     _write_text(run.path("results", "detector.json"), json.dumps(result.to_dict()))
     _write_csv(run.path("results", "detector.csv"), result.to_frame())
     return result.meets()

@@ -65,7 +65,8 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     assert "<h2>Held-out suites</h2>" in html and "random, mean of 2 seeds" in html
     cross = pd.read_csv(run / "results" / "detector.csv")
     features = ["safety neurons", "contrast neurons", "residual", "direction", "text"]
-    assert sorted(set(cross["features"])) == sorted(features) and (cross["n_pos"] == 2).all()
+    assert sorted(set(cross["features"])) == sorted(features)
+    assert (cross["n_pos"] == cross["suite"].map(lambda s: len(data.suite(s).prompts("test")))).all()
     assert set(cross["suite"]) == set(TEST_HARMFUL) and cross["auroc"].between(0, 1).all()
     assert "Unsafe-output detector across suites" in html
     lrs = {
