@@ -78,12 +78,19 @@ def tokenize(subject: Subject, texts: Sequence[str]) -> list[list[int]]:
     return _encode(subject, texts)["input_ids"]
 
 
-def _encode(subject: Subject, texts: Sequence[str], offsets: bool = False):
+def fits_context(
+    subject: Subject, prompts: Sequence[str], chat: bool = True, system: str | None = None
+) -> list[bool]:
+    """Whether each prompt, rendered, fits in ``subject.max_ctx`` tokens."""
+    ids = _encode(subject, render(subject, prompts, chat=chat, system=system), check=False)["input_ids"]
+    return [len(x) <= subject.max_ctx for x in ids]
+
+
+def _encode(subject: Subject, texts: Sequence[str], offsets: bool = False, check: bool = True):
     has_template = bool(getattr(subject.tokenizer, "chat_template", None))
     enc = subject.tokenizer(list(texts), add_special_tokens=not has_template, return_offsets_mapping=offsets)
-    ids = enc["input_ids"]
-    too_long = [i for i, x in enumerate(ids) if len(x) > subject.max_ctx]
-    if too_long:
+    too_long = [i for i, x in enumerate(enc["input_ids"]) if len(x) > subject.max_ctx]
+    if check and too_long:
         raise ValueError(f"prompts {too_long[:10]} are longer than max_ctx={subject.max_ctx} tokens")
     return enc
 

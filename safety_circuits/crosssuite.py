@@ -41,7 +41,7 @@ from torch import Tensor
 
 from safety_circuits import data
 from safety_circuits._io import load_tensors, save_tensors
-from safety_circuits.activations import activations_at, check_prompts
+from safety_circuits.activations import activations_at, check_prompts, fits_context
 from safety_circuits.neurons import NeuronSet, check_arch, gather_neurons, hook_name
 from safety_circuits.probing import cross_validate, site_hook
 from safety_circuits.stats import separation
@@ -455,7 +455,8 @@ def cross_suite(
     """Fit each feature family on each training's validation splits and score every harmful
     suite's test split against each harmless one's. The prompts are :func:`suite_rows`
     (``per_suite``, ``test_per_suite``), or ``rows`` of one's own (columns text, suite, split,
-    label). The model reads every prompt once."""
+    label). The model reads every prompt once; prompts longer than its context are left out (a
+    warning, and their count per suite in ``config["too_long"]``)."""
     if not features or not trainings:
         raise ValueError("give at least one feature family and one training")
     names = [f.name for f in features]
@@ -463,6 +464,11 @@ def cross_suite(
         raise ValueError(f"feature families need distinct names, got {names}")
     if rows is None:
         rows = suite_rows(trainings, test_harmful, test_harmless, per_suite, test_per_suite, seed)
+    fits = np.asarray(fits_context(subject, rows["text"].tolist(), chat=chat))
+    dropped = rows.loc[~fits, "suite"].value_counts().to_dict()
+    if dropped:
+        logger.warning("cross_suite: prompts longer than max_ctx=%d left out: %s", subject.max_ctx, dropped)
+        rows = rows[fits].reset_index(drop=True)
     _check_rows(rows, trainings, [*test_harmful, *test_harmless])
     prompts, y = rows["text"].tolist(), rows["label"].to_numpy()
     hooks = list(dict.fromkeys(h for f in features for h in f.hooks(subject)))
@@ -505,7 +511,15 @@ def cross_suite(
                         }
                     )
             logger.info("cross_suite: %s / %s done", family.name, training.name)
-    config = {"subject": subject.name, "per_suite": per_suite, "C": C, "tpr": tpr, "chat": chat, "seed": seed}
+    config = {
+        "subject": subject.name,
+        "per_suite": per_suite,
+        "C": C,
+        "tpr": tpr,
+        "chat": chat,
+        "seed": seed,
+        "too_long": dropped,  # prompts left out per suite: longer than the model's context
+    }
     return CrossSuiteResult(pd.DataFrame(results), config)
 
 

@@ -328,7 +328,7 @@ class Subject:
 
     def __post_init__(self) -> None:
         """``max_ctx`` no longer than the positions the model has (TransformerLens' ``n_ctx``)."""
-        config = self.hf.config
+        config = getattr(self.hf, "config", None)
         positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if positions:
             self.max_ctx = min(self.max_ctx, positions)

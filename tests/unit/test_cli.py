@@ -66,7 +66,10 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     cross = pd.read_csv(run / "results" / "detector.csv")
     features = ["safety neurons", "contrast neurons", "residual", "direction", "text"]
     assert sorted(set(cross["features"])) == sorted(features)
-    assert (cross["n_pos"] == cross["suite"].map(lambda s: len(data.suite(s).prompts("test")))).all()
+    too_long = json.loads((run / "results" / "detector.json").read_text())["config"]["too_long"]
+    assert set(too_long) <= {"harmbench_contextual"}  # articles longer than the tiny model's context
+    expected = cross["suite"].map(lambda s: len(data.suite(s).prompts("test")) - too_long.get(s, 0))
+    assert (cross["n_pos"] == expected).all()
     assert set(cross["suite"]) == set(TEST_HARMFUL) and cross["auroc"].between(0, 1).all()
     assert "Unsafe-output detector across suites" in html
     lrs = {

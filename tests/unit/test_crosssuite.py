@@ -156,3 +156,12 @@ def test_text_detector_fit_score_round_trip(tmp_path):
         TextDetector().predict_proba(["x"])
     with pytest.raises(ValueError, match="both classes"):
         TextDetector().fit(["a", "b"], [1, 1])
+
+
+def test_prompts_longer_than_the_context_are_left_out_and_counted(make_subject):
+    subject = make_subject("llama")
+    rows = planted_rows()
+    long = {"text": "bread " * (subject.max_ctx + 10), "suite": "bread", "split": "test", "label": 0}
+    rows = pd.concat([rows, pd.DataFrame([long])], ignore_index=True)
+    result = cross_suite(subject, [TextFeatures()], TRAININGS[:1], ("bombs",), ("bread",), rows=rows)
+    assert result.config["too_long"] == {"bread": 1} and (result.frame["n_neg"] == 12).all()
