@@ -169,7 +169,8 @@ class ResidualFeatures:
                 for layer in _layers(acts)
             }
             layer = max(accuracy, key=accuracy.__getitem__)
-        return _resid(acts, layer), {"layer": layer, "n_features": _resid(acts, layer).shape[1]}
+        x = _resid(acts, layer)
+        return x, {"layer": layer, "n_features": x.shape[1]}
 
 
 @dataclass
@@ -480,7 +481,7 @@ def cross_suite(
         if hooks
         else {}
     )
-    validation = rows["split"].to_numpy() == "validation"
+    validation, test = (rows["split"].to_numpy() == split for split in ("validation", "test"))
     results = []
     for family in features:
         for training in trainings:
@@ -492,7 +493,6 @@ def cross_suite(
                     x, info = family.matrix(acts, prompts, train, y)
                     scored[positives] = (_fit_score(x, y, train, C), info)
                 proba, info = scored[positives]
-                test = rows["split"].to_numpy() == "test"
                 pos = proba[test & (rows["suite"] == suite).to_numpy()]
                 for negatives in test_harmless:
                     neg = proba[test & (rows["suite"] == negatives).to_numpy()]
