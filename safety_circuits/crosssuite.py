@@ -42,7 +42,7 @@ from torch import Tensor
 from safety_circuits import data
 from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import activations_at, check_prompts, fits_context
-from safety_circuits.neurons import NeuronSet, check_arch, gather_neurons, hook_name
+from safety_circuits.neurons import NeuronSet, check_arch
 from safety_circuits.probing import cross_validate, site_hook
 from safety_circuits.stats import separation
 
@@ -130,14 +130,10 @@ class NeuronFeatures:
 
     def hooks(self, subject: Subject) -> list[str]:
         check_arch(self.neurons.arch, subject.arch, f"features {self.name!r}")
-        return [hook_name(layer, kind) for layer, kind in self.neurons.indices]
+        return self.neurons.hooks()
 
     def matrix(self, acts, prompts, train, y):
-        columns = [
-            gather_neurons(acts[hook_name(layer, kind)], kind, torch.tensor(index))
-            for (layer, kind), index in self.neurons.indices.items()
-        ]
-        return torch.cat(columns, dim=1).numpy(), {"n_features": len(self.neurons)}
+        return self.neurons.gather(acts).numpy(), {"n_features": len(self.neurons)}
 
 
 def _resid(acts: dict[str, Tensor], layer: int) -> np.ndarray:

@@ -35,7 +35,7 @@ from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import activations_at, check_prompts
 from safety_circuits.evaluate import generate, is_refusal
 from safety_circuits.loading import Architecture
-from safety_circuits.neurons import KINDS, NeuronSet, check_arch, gather_neurons, hook_name
+from safety_circuits.neurons import KINDS, NeuronSet, check_arch
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -48,12 +48,6 @@ DEFAULT_MESSAGE = "I'm sorry, but I can't help with that."
 
 
 # -- features and labels -------------------------------------------------------------------------
-def _site_indices(neurons: NeuronSet) -> list[tuple[str, Any, Tensor]]:
-    return [
-        (hook_name(layer, kind), kind, torch.tensor(idx)) for (layer, kind), idx in neurons.indices.items()
-    ]
-
-
 @torch.no_grad()
 def prompt_activations(
     subject: Subject,
@@ -68,11 +62,8 @@ def prompt_activations(
     check_arch(neurons.arch, subject.arch)
     if not len(neurons):
         raise ValueError("the NeuronSet is empty: the detector needs at least one neuron")
-    sites = _site_indices(neurons)
-    acts = activations_at(
-        subject, prompts, [name for name, _, _ in sites], batch_size=batch_size, chat=chat, system=system
-    )
-    return torch.cat([gather_neurons(acts[name][:, 0], kind, index) for name, kind, index in sites], dim=1)
+    acts = activations_at(subject, prompts, neurons.hooks(), batch_size=batch_size, chat=chat, system=system)
+    return neurons.gather({name: act[:, 0] for name, act in acts.items()})
 
 
 def unsafe_labels(
@@ -417,8 +408,7 @@ class Monitor:
         self.forced = tok(message, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         self.events: list[dict[str, Any]] = []
         self._features: dict[str, Tensor] = {}
-        self._sites = _site_indices(detector._require_fit())
-        self._lookup = {name: (kind, index) for name, kind, index in self._sites}
+        self._neurons = detector._require_fit()
         self._calls = 0
         self._step = 0
         self._flagged: Tensor | None = None
@@ -446,12 +436,12 @@ class Monitor:
         return self.subject.tokenizer.decode(ids, skip_special_tokens=True)
 
     def hooks(self) -> list[tuple[str, Any]]:
-        return [*[(name, self._capture) for name, _, _ in self._sites], ("unembed.hook_out", self._decide)]
+        capture = [(name, self._capture) for name in self._neurons.hooks()]
+        return [*capture, ("unembed.hook_out", self._decide)]
 
     def _capture(self, act: Tensor, *, hook: Any) -> None:
         if act.shape[1] > 1:  # a prompt's forward pass (prefill); decoding steps read one token
-            kind, index = self._lookup[hook.name]
-            self._features[hook.name] = gather_neurons(act[:, -1], kind, index.to(act.device)).float().cpu()
+            self._features[hook.name] = act[:, -1].clone()
 
     def _force(self, logits: Tensor, token: int) -> Tensor:
         rows = self._flagged
@@ -468,7 +458,8 @@ class Monitor:
             return self._force(logits, token)
         if not self._features:
             return None
-        features = torch.cat([self._features.pop(name) for name, _, _ in self._sites], dim=1)
+        features = self._neurons.gather(self._features).float().cpu()
+        self._features = {}
         proba = self.detector.proba_from_features(features)
         flagged = proba >= self.threshold
         self._calls += 1

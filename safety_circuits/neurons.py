@@ -228,6 +228,21 @@ class NeuronSet:
         """Sorted indices at one site (empty array if none)."""
         return self.indices.get((layer, kind), np.empty(0, dtype=np.int64))
 
+    def hooks(self) -> list[str]:
+        """The TL hook names of the sites holding the set's neurons, in the set's order."""
+        return [hook_name(layer, kind) for layer, kind in self.indices]
+
+    def gather(self, acts: Mapping[str, Float[Tensor, "... site"]]) -> Float[Tensor, "... neuron"]:
+        """The set's activations in its order, from ``acts`` (hook name -> activation there, with
+        any leading dimensions): one column per neuron, as :func:`gather_neurons` per site."""
+        if not len(self):
+            raise ValueError("the NeuronSet is empty: there are no activations to gather")
+        columns = []
+        for (layer, kind), idx in self.indices.items():
+            act = acts[hook_name(layer, kind)]
+            columns.append(gather_neurons(act, kind, torch.tensor(idx, device=act.device)))
+        return torch.cat(columns, dim=-1)
+
     def counts(self) -> pd.DataFrame:
         """Neurons per layer (rows) and kind (columns)."""
         data = np.zeros((self.arch.n_layers, len(KINDS)), dtype=np.int64)

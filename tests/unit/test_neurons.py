@@ -128,3 +128,22 @@ def test_wrong_model_for_neurons(make_subject):
         pass
     with pytest.raises(ArchitectureMismatchError):
         hf_masks(neurons, other)
+
+
+def test_gather_reads_each_neuron_at_its_hook(make_subject):
+    """NeuronSet.gather: column j is neuron j's activation, read from the run's cache directly."""
+    subject = make_subject("llama")
+    neurons = NeuronSet(subject.arch, {(1, "k"): [17, 3], (0, "ffn"): [7], (0, "q"): [40]})
+    _, cache = subject.tl.run_with_cache(torch.arange(6)[None], names_filter=neurons.hooks())
+    acts = {name: cache[name][0] for name in neurons.hooks()}
+    d_head = subject.arch.d_head
+    expected = [
+        acts[hook_name(layer, kind)][..., i]
+        if kind == "ffn"
+        else acts[hook_name(layer, kind)][:, i // d_head, i % d_head]
+        for layer, kind, i in neurons
+    ]
+    assert neurons.hooks() == [hook_name(0, "q"), hook_name(0, "ffn"), hook_name(1, "k")]
+    assert torch.equal(neurons.gather(acts), torch.stack(expected, dim=-1))
+    with pytest.raises(ValueError, match="empty"):
+        NeuronSet(subject.arch).gather(acts)
