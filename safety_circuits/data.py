@@ -341,13 +341,17 @@ _TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def harmless_generated(n: int = 100, seed: int = 0) -> list[str]:
+def harmless_generated(n: int = 100, seed: int = 0, topics: Sequence[str] | None = None) -> list[str]:
     """``n`` distinct everyday requests from the project's templates (writing, cooking,
-    explanations, coding, advice, travel): more retain prompts than the harmless set's train
-    split, never its eval split."""
+    explanations, coding, advice, travel; ``topics``: some of them only): more retain prompts
+    than the harmless set's train split, never its eval split."""
+    unknown = set(topics or ()) - set(_TEMPLATES)
+    if unknown:
+        raise ValueError(f"unknown topics {sorted(unknown)}; topics are {sorted(_TEMPLATES)}")
     pool = sorted(
         template.format(fill)
-        for templates, fills in _TEMPLATES.values()
+        for topic, (templates, fills) in _TEMPLATES.items()
+        if topics is None or topic in topics
         for template in templates
         for fill in fills
     )

@@ -165,6 +165,29 @@ class NeuronSet:
             name="all",
         )
 
+    @classmethod
+    def random(
+        cls,
+        arch: Architecture,
+        n: int,
+        kinds: Iterable[Kind] = KINDS,
+        layers: Iterable[int] | None = None,
+        seed: int = 0,
+    ) -> NeuronSet:
+        """``n`` neurons drawn uniformly, without replacement, from every neuron of ``kinds`` at
+        ``layers`` (default: all): e.g. a set to plant a behaviour in."""
+        kinds = tuple(kinds)
+        layers = tuple(range(arch.n_layers) if layers is None else layers)
+        sites = [(layer, kind) for layer in layers for kind in kinds]
+        sizes = np.array([kind_size(arch, kind) for _, kind in sites])
+        if not 0 <= n <= sizes.sum():
+            raise ValueError(f"n must be in [0, {sizes.sum()}] for these kinds and layers, got {n}")
+        flat = np.random.default_rng(seed).choice(sizes.sum(), size=n, replace=False)
+        site = np.searchsorted(np.cumsum(sizes), flat, side="right")
+        offset = flat - np.concatenate([[0], np.cumsum(sizes)[:-1]])[site]
+        indices = {sites[i]: offset[site == i] for i in np.unique(site)}
+        return cls(arch, indices, name=f"random({n}, seed={seed})", metadata={"seed": seed})
+
     # -- set algebra ----------------------------------------------------------------------
     def _combine(self, other: NeuronSet, op: str) -> NeuronSet:
         if not isinstance(other, NeuronSet):

@@ -82,6 +82,12 @@ def test_generated_harmless_prompts():
     assert harmless_generated(0) == []
     with pytest.raises(ValueError, match="n must be in"):
         harmless_generated(10_000)
+    cooking = harmless_generated(20, topics=["cooking"])
+    templates, _ = data._TEMPLATES["cooking"]
+    assert all(any(p.startswith(t.split("{}")[0]) for t in templates) for p in cooking)
+    assert not set(cooking) & set(harmless_generated(30, topics=["coding", "travel"]))
+    with pytest.raises(ValueError, match="unknown topics"):
+        harmless_generated(5, topics=["poetry"])
 
 
 def _assert_no_near_duplicates(a, b):

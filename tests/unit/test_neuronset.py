@@ -679,3 +679,14 @@ def test_file_is_plain_safetensors(tmp_path):
         assert ours["arch"] == LLAMA.fingerprint()
         for kind, mask in neurons.masks().items():
             assert torch.equal(f.get_tensor(f"mask.{kind}").bool(), mask)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.family)
+def test_random_draws_n_neurons_of_the_kinds_and_layers_asked(arch):
+    chosen = NeuronSet.random(arch, 20, kinds=["k", "ffn"], layers=[1], seed=3)
+    assert len(chosen) == 20 and chosen == NeuronSet.random(arch, 20, kinds=["k", "ffn"], layers=[1], seed=3)
+    assert {(layer, kind) for layer, kind, _ in chosen} <= {(1, "k"), (1, "ffn")}
+    everything = NeuronSet.random(arch, len(NeuronSet.full(arch, ["v"])), kinds=["v"])
+    assert everything == NeuronSet.full(arch, ["v"]), "n = all neurons draws each once"
+    with pytest.raises(ValueError, match="n must be in"):
+        NeuronSet.random(arch, 10**9)

@@ -1,0 +1,151 @@
+"""Do the detectors find where refusal lives? Planted ground truth on SmolLM2-135M-Instruct.
+
+1. **Planted neurons.** SN-Tune refusal (AdvBench train prompts, the harmless train split
+   retained) written into ``R``: ``--planted`` random neurons of every kind and layer. Then a
+   distractor ``D`` (as many other random neurons) learns to answer cooking requests in capitals.
+   Every other weight stays bit-identical (checked). The planting is checked on validation prompts:
+   ASR on AdvBench validation, over-refusal on the harmless validation half, capitals on held-out
+   cooking requests, original vs planted, with Wilson 95% intervals.
+2. **Recovery.** Every detector of :data:`safety_circuits.groundtruth.DETECTORS` ranks all
+   92,160 neurons of the planted model (or the planted/original pair). Each gets precision at
+   ``|R|`` and AUROC against ``R`` and against ``D``, beside their chance levels, with its run time.
+   Detection prompts: HarmBench val (never used to plant) and as many harmless train prompts.
+3. **Planted direction.** Rank-one write/read edits along a random unit ``r`` (layer 15), and the
+   cosine of :func:`find_refusal_direction`'s choice to ``r``.
+
+Run: ``.venv/bin/python examples/ground_truth.py`` (about 15 minutes on 2 CPU cores). Writes
+``runs/ground_truth/`` (report.html, recovery.json, the planted models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pandas as pd
+
+import safety_circuits as sc
+from safety_circuits import data
+from safety_circuits.groundtruth import (
+    RecoveryBenchmark,
+    RecoveryResult,
+    changed_neurons,
+    plant_direction,
+    plant_neurons,
+)
+from safety_circuits.report import write_report
+from safety_circuits.stats import Rate
+from safety_circuits.tuning import TuneConfig
+
+
+def capitals(answers: list[str]) -> list[bool]:
+    """Whether each answer is written in capitals (its letters at least 90% upper case)."""
+    flags = []
+    for answer in answers:
+        letters = [c for c in answer if c.isalpha()]
+        flags.append(bool(letters) and sum(c.isupper() for c in letters) >= 0.9 * len(letters))
+    return flags
+
+
+def behaviour(subject: sc.Subject, harmful: list[str], harmless: list[str], topic: list[str]) -> dict:
+    """ASR, over-refusal and the share of topic answers in capitals, each a Rate."""
+    kwargs = {"max_new_tokens": 32, "batch_size": 16}
+    answers = sc.generate(subject, topic, use="hf", **kwargs)
+    return {
+        "asr": Rate.of(~sc.attack_success_rate(subject, harmful, **kwargs).to_frame()["refused"]),
+        "over_refusal": Rate.of(sc.over_refusal_rate(subject, harmless, **kwargs).to_frame()["refused"]),
+        "capitals": Rate.of(capitals(answers)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--out", default="runs/ground_truth")
+    parser.add_argument("--planted", type=int, default=300, help="neurons in R (and in D)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    base = sc.load_model(args.model)
+    arch = base.arch
+    planted = sc.NeuronSet.random(arch, args.planted, seed=args.seed).with_metadata(name="planted")
+    distractor = (sc.NeuronSet.random(arch, args.planted, seed=args.seed + 1) - planted).with_metadata(
+        name="distractor"
+    )
+    topic = data.harmless_generated(24, seed=args.seed, topics=["cooking"])
+    config = TuneConfig(lr=4e-3, epochs=2, batch_size=4, seed=args.seed)
+    start = time.perf_counter()
+    model = plant_neurons(
+        base,
+        planted,
+        data.train_harmful(80, seed=args.seed),
+        data.harmless("train"),
+        distractor=distractor,
+        topic=topic[:16],
+        config=config,
+    )
+    plant_seconds = time.perf_counter() - start
+    assert changed_neurons(base, model.subject) == planted | distractor
+    model.save(f"{args.out}/planted_neurons", overwrite=True)
+
+    harmful_val = data.suite("advbench").prompts("validation")
+    harmless_val = data.suite("harmless").prompts("validation")
+    checks = {
+        name: behaviour(subject, harmful_val, harmless_val, topic[16:])
+        for name, subject in (("original", base), ("planted", model.subject))
+    }
+    check_frame = pd.DataFrame(
+        [
+            {"model": name, "metric": metric, "rate": r.rate, "lo": r.lo, "hi": r.hi, "n": r.n}
+            for name, rates in checks.items()
+            for metric, r in rates.items()
+        ]
+    )
+
+    detection, harmless = data.harmbench("val"), data.harmless("train")[: len(data.harmbench("val"))]
+    result = RecoveryBenchmark(model, detection, harmless, batch_size=8).run()
+
+    start = time.perf_counter()
+    plant_prompts = data.train_harmful(40, seed=args.seed)
+    direction = plant_direction(base, plant_prompts, harmless, layer=15, seed=args.seed)
+    direction_seconds = time.perf_counter() - start
+    direction.save(f"{args.out}/planted_direction", overwrite=True)
+    found = RecoveryBenchmark(direction, detection, harmless, batch_size=8).run()
+    result = RecoveryResult(
+        result.rows,
+        found.directions,
+        {**result.config, "plant_seconds": plant_seconds, "direction_seconds": direction_seconds},
+    )
+    result.save(f"{args.out}/recovery.json")
+    check_frame.to_csv(f"{args.out}/planting.csv", index=False)
+
+    frame = result.to_frame()
+    path = write_report(
+        f"{args.out}/report.html",
+        f"Planted ground truth on {args.model}",
+        [
+            (
+                "The planted model",
+                [
+                    f"R: {len(planted)} random neurons (seed {args.seed}) tuned to refuse; D: "
+                    f"{len(distractor)} others tuned to answer cooking requests in capitals; "
+                    f"{plant_seconds:.0f} s. Checked on validation prompts:",
+                    check_frame,
+                ],
+            ),
+            ("Recovery of R and D by each detector", [result.plot(), frame]),
+            ("Planted direction", [pd.DataFrame(result.directions)]),
+        ],
+    )
+    print(check_frame.to_string(index=False))
+    print(frame.to_string(index=False))
+    print(json.dumps(result.directions, indent=1))
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()

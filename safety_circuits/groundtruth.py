@@ -1,0 +1,530 @@
+"""Planted ground truth: models whose refusal is known to live in a given place, and how well
+each detector finds it.
+
+Every detector of the toolkit is exact about what it computes; this module asks whether it finds
+*where refusal lives*. A planted model answers that:
+
+- :func:`plant_neurons`: SN-Tune refusal written into a chosen :class:`NeuronSet` ``R`` (every
+  other weight bit-identical), optionally followed by a *distractor* set ``D`` tuned on a harmless
+  behaviour (answers in capitals on one topic, :func:`capitals_documents`), so that a detector
+  that finds "what changed" is told apart from one that finds "what refuses".
+- :func:`plant_direction`: two rank-one weight edits with a known unit direction ``r``: the MLP of
+  one layer writes ``r`` in proportion to a harmfulness read-out of its own neurons (their
+  harmful-minus-harmless difference in means), and the unembedding reads ``r`` into the first
+  tokens of refusals.
+- :func:`weight_change`: per neuron, the norm of the change of the HF entries it owns between two
+  models (the exact oracle: its support is the planted set).
+- :func:`recovery`: how a detector's per-neuron scores rank ``R`` (and ``D``): precision at
+  ``|R|`` (equal to recall at ``|R|``), AUROC, and the chance level of each;
+  :func:`recovery_benchmark` runs every detector of :data:`DETECTORS` on a planted model.
+
+Example:
+    >>> from safety_circuits.testing import tiny_subject
+    >>> subject = tiny_subject("llama")
+    >>> planted = NeuronSet(subject.arch, {(1, "ffn"): [3, 9], (0, "v"): [5]})
+    >>> scores = {"ffn": torch.zeros(2, subject.arch.d_mlp)}
+    >>> scores["ffn"][1, [3, 9]] = 1.0  # a detector that finds the planted FFN neurons only
+    >>> r = recovery(scores, planted, "ffn only")
+    >>> round(r.precision, 2), round(r.auroc, 3)  # the v neuron ties with every unscored neuron
+    (0.67, 0.778)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from scipy.stats import rankdata
+from torch import Tensor
+
+from safety_circuits._io import atomic_file, atomic_folder, load_tensors, save_tensors
+from safety_circuits.activations import activations_at, check_prompts, render, tokenize
+from safety_circuits.contrast import contrast_activations
+from safety_circuits.detect import contrast_scores
+from safety_circuits.direction import _untie_embeddings, find_refusal_direction
+from safety_circuits.importance import Importance, neuron_importance
+from safety_circuits.loading import load_model
+from safety_circuits.neurons import KINDS, Kind, NeuronSet, _owned, check_arch, hook_name, kind_size
+from safety_circuits.tracing import first_token_ids
+from safety_circuits.tuning import (
+    Document,
+    TuneConfig,
+    refusal_documents,
+    retain_documents,
+    tune,
+)
+
+if TYPE_CHECKING:
+    from safety_circuits.loading import Subject
+
+logger = logging.getLogger(__name__)
+
+Scores = dict[Kind, Float[Tensor, "layer neuron"]]
+
+
+# -- the oracle ------------------------------------------------------------------------------
+@torch.no_grad()
+def weight_change(base: Subject, tuned: Subject, kinds: Sequence[Kind] = KINDS) -> Scores:
+    """Per neuron ``[layer, neuron]`` of each kind: the L2 norm of the change, from ``base`` to
+    ``tuned``, of the HF entries the neuron owns (:func:`~safety_circuits.neurons.hf_slices`).
+    Zero exactly where nothing it owns changed."""
+    check_arch(base.arch, tuned.arch, "tuned model")
+    before, after = dict(base.hf.named_parameters()), dict(tuned.hf.named_parameters())
+    out: Scores = {}
+    for kind in kinds:
+        size = kind_size(base.arch, kind)
+        rows = []
+        for layer in range(base.arch.n_layers):
+            squared = torch.zeros(size)
+            for s in _owned(base.arch, layer, kind, torch.arange(size)):
+                diff = (after[s.param].float() - before[s.param].float()).index_select(s.axis, s.index)
+                squared += diff.pow(2).movedim(s.axis, 0).reshape(size, -1).sum(1).cpu()
+            rows.append(squared.sqrt())
+        out[kind] = torch.stack(rows)
+    return out
+
+
+def changed_neurons(base: Subject, tuned: Subject) -> NeuronSet:
+    """The neurons whose owned HF entries differ between ``base`` and ``tuned``."""
+    masks = {kind: s > 0 for kind, s in weight_change(base, tuned).items()}
+    return NeuronSet.from_masks(base.arch, masks, name="changed")
+
+
+# -- planted neurons -------------------------------------------------------------------------
+def capitals_documents(subject: Subject, prompts: Sequence[str], max_new_tokens: int = 32) -> list[Document]:
+    """``subject``'s own greedy answers to ``prompts``, in capitals: a harmless behaviour for a
+    distractor set to learn."""
+    answers = retain_documents(subject, prompts, max_new_tokens=max_new_tokens)
+    return [Document(d.prompt, d.response.upper(), "distractor") for d in answers]
+
+
+@dataclass
+class PlantedModel:
+    """A model with refusal planted in known neurons (``planted``) or along a known unit
+    ``direction`` written at ``layer``; ``distractor``: neurons tuned on a harmless behaviour."""
+
+    subject: Subject
+    base: Subject
+    planted: NeuronSet | None = None
+    distractor: NeuronSet | None = None
+    direction: Float[Tensor, " d_model"] | None = None
+    layer: int | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+        """The planted model as a plain HF folder, with ``planted``/``distractor`` NeuronSets
+        (safetensors + CSV), the direction (safetensors) and ``groundtruth.json``."""
+        with atomic_folder(folder, overwrite=overwrite) as tmp:
+            self.subject.hf.save_pretrained(tmp)
+            self.subject.tokenizer.save_pretrained(tmp)
+            for name in ("planted", "distractor"):
+                neurons = getattr(self, name)
+                if neurons is not None:
+                    neurons.save(tmp / f"{name}.safetensors")
+                    neurons.to_frame().to_csv(tmp / f"{name}.csv", index=False)
+            if self.direction is not None:
+                save_tensors(tmp / "direction.safetensors", {"direction": self.direction}, "direction", {})
+            meta = {"base": self.base.name, "layer": self.layer, "record": self.record}
+            (tmp / "groundtruth.json").write_text(json.dumps(meta, indent=2))
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, base: Subject) -> PlantedModel:
+        """Read a folder written by :meth:`save`, planted on ``base``."""
+        folder = Path(folder)
+        meta_path = folder / "groundtruth.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{folder} is not a planted model (no groundtruth.json)")
+        meta = json.loads(meta_path.read_text())
+        subject = load_model(str(folder), backend=base.backend, max_ctx=base.max_ctx)
+        check_arch(base.arch, subject.arch, "planted model")
+        sets = {
+            name: NeuronSet.load(folder / f"{name}.safetensors", expect=base.arch)
+            if (folder / f"{name}.safetensors").exists()
+            else None
+            for name in ("planted", "distractor")
+        }
+        direction = None
+        if (folder / "direction.safetensors").exists():
+            direction = load_tensors(folder / "direction.safetensors", "direction")[0]["direction"]
+        return cls(subject, base, direction=direction, layer=meta["layer"], record=meta["record"], **sets)
+
+
+def plant_neurons(
+    subject: Subject,
+    planted: NeuronSet,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    distractor: NeuronSet | None = None,
+    topic: Sequence[str] | None = None,
+    config: TuneConfig | None = None,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+) -> PlantedModel:
+    """SN-Tune refusal into ``planted`` (refusals of ``harmful``, ``subject``'s own answers to
+    ``harmless`` retained), then, with ``distractor``, the capitals behaviour on the ``topic``
+    prompts into those neurons. Every HF entry outside the two sets stays bit-identical."""
+    check_arch(planted.arch, subject.arch, "planted NeuronSet")
+    if distractor is not None:
+        check_arch(distractor.arch, subject.arch, "distractor NeuronSet")
+        if len(planted & distractor):
+            raise ValueError(f"planted and distractor share {len(planted & distractor)} neurons")
+        if not topic:
+            raise ValueError("a distractor needs the topic prompts it learns to answer in capitals")
+    config = config or TuneConfig()
+    retain = retain_documents(subject, check_prompts(harmless, "harmless"), max_new_tokens)
+    docs = refusal_documents(harmful) + retain
+    start = time.perf_counter()
+    tuned = tune(subject, docs, planted, config=config, progress=progress).subject
+    record: dict[str, Any] = {"planted": len(planted), "documents": len(docs), "config": config.to_dict()}
+    if distractor is not None:
+        topic_docs = capitals_documents(subject, check_prompts(topic, "topic"), max_new_tokens)
+        tuned = tune(tuned, topic_docs + retain, distractor, config=config, progress=progress).subject
+        record["distractor"] = len(distractor)
+    record["seconds"] = time.perf_counter() - start
+    tuned.name = f"{subject.name} (planted)"
+    return PlantedModel(tuned, subject, planted, distractor, record=record)
+
+
+# -- planted direction -----------------------------------------------------------------------
+def _write_site(subject: Subject, layer: int) -> tuple[str, int]:
+    """The HF weight whose columns (``axis``) map layer ``layer``'s MLP neurons to the residual."""
+    if subject.arch.family == "gpt2":
+        return f"transformer.h.{layer}.mlp.c_proj.weight", 0
+    return f"model.layers.{layer}.mlp.down_proj.weight", 1
+
+
+def _mean_last(subject: Subject, prompts: Sequence[str], name: str) -> Tensor:
+    return activations_at(subject, prompts, [name])[name][:, 0].float().mean(0)
+
+
+@torch.no_grad()
+def plant_direction(
+    subject: Subject,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    layer: int | None = None,
+    direction: Float[Tensor, " d_model"] | None = None,
+    strength: float = 8.0,
+    refusal_tokens: Sequence[int] | None = None,
+    logit_boost: float = 8.0,
+    seed: int = 0,
+) -> PlantedModel:
+    """Plant a refusal direction ``r`` (unit; random with ``seed`` unless given) by two rank-one
+    edits of a copy of ``subject``:
+
+    1. write: ``W_out[layer] += α r uᵀ``, with ``u`` the unit harmful-minus-harmless difference in
+       means of the layer's MLP neurons at the prompt's last token, and ``α`` such that the
+       written harmful-minus-harmless difference is ``strength`` times the norm of the model's
+       own difference in means at the next layer's input;
+    2. read: the unembedding rows of ``refusal_tokens`` (default: the first tokens of "I" and
+       "Sorry") gain ``β r``, ``β`` such that the mean harmful prompt's logits for them rise by
+       ``logit_boost`` relative to the mean harmless prompt's.
+
+    The model's harmful-minus-harmless difference in means after ``layer`` then points along
+    ``r`` (cosine → 1 as ``strength`` grows), which :func:`find_refusal_direction` should find.
+    """
+
+    harmful, harmless = check_prompts(harmful, "harmful"), check_prompts(harmless, "harmless")
+    arch = subject.arch
+    layer = arch.n_layers // 2 if layer is None else layer
+    if not 0 <= layer < arch.n_layers - 1:
+        raise ValueError(
+            f"layer must be in [0, {arch.n_layers - 1}) so that a later layer reads it, got {layer}"
+        )
+    if direction is None:
+        direction = torch.randn(arch.d_model, generator=torch.Generator().manual_seed(seed))
+    r = direction.float() / direction.float().norm()
+    post = hook_name(layer, "ffn")
+    u = _mean_last(subject, harmful, post) - _mean_last(subject, harmless, post)
+    u_norm = float(u.norm())
+    if u_norm == 0:
+        raise ValueError(
+            f"layer {layer}'s MLP neurons do not tell the harmful prompts from the harmless ones"
+        )
+    u = u / u_norm  # the written difference is α (u · Δa) r = α |Δa| r
+    natural = _mean_last(subject, harmful, f"blocks.{layer + 1}.hook_resid_pre") - _mean_last(
+        subject, harmless, f"blocks.{layer + 1}.hook_resid_pre"
+    )
+    alpha = strength * float(natural.norm()) / u_norm
+    hf = copy.deepcopy(subject.hf)
+    name, axis = _write_site(subject, layer)
+    weight = dict(hf.named_parameters())[name]
+    edit = alpha * torch.outer(r, u)  # [d_model, d_mlp]
+    weight.add_((edit if axis == 1 else edit.T).to(weight.dtype))
+    planted = load_model(hf, backend=subject.backend, tokenizer=subject.tokenizer, max_ctx=subject.max_ctx)
+    # read: the final (normalised) hidden state's component along r, harmful minus harmless
+    gap = float((_final_hidden(planted, harmful) - _final_hidden(planted, harmless)) @ r.to(planted.device))
+    tokens = (
+        list(refusal_tokens)
+        if refusal_tokens is not None
+        else first_token_ids(subject.tokenizer, ["I", "Sorry"])
+    )
+    beta = logit_boost / gap if gap else 0.0
+    _untie_embeddings(hf)
+    head = hf.get_output_embeddings().weight
+    head[tokens] += (beta * r).to(head.dtype)
+    planted = load_model(hf, backend=subject.backend, tokenizer=subject.tokenizer, max_ctx=subject.max_ctx)
+    planted.name = f"{subject.name} (planted direction)"
+    record = {
+        "alpha": alpha,
+        "beta": beta,
+        "strength": strength,
+        "logit_boost": logit_boost,
+        "tokens": tokens,
+    }
+    return PlantedModel(planted, subject, direction=r, layer=layer, record=record)
+
+
+@torch.no_grad()
+def _final_hidden(subject: Subject, prompts: Sequence[str]) -> Tensor:
+    """The mean over prompts of the HF model's final (normalised) hidden state at the last token,
+    one prompt at a time (no padding)."""
+    ids = tokenize(subject, render(subject, prompts))
+    body = subject.hf.base_model
+    states = [
+        body(input_ids=torch.tensor([row], device=subject.device)).last_hidden_state[0, -1] for row in ids
+    ]
+    return torch.stack(states).float().mean(0)
+
+
+# -- recovery --------------------------------------------------------------------------------
+def _flat(scores: Mapping[Kind, Tensor], arch: Any) -> np.ndarray:
+    """Scores of every neuron in (kind, layer, index) order; kinds not scored rank last (−inf)."""
+    parts = []
+    for kind in KINDS:
+        shape = (arch.n_layers, kind_size(arch, kind))
+        s = scores.get(kind)
+        if s is None:
+            parts.append(np.full(shape[0] * shape[1], -np.inf))
+            continue
+        if tuple(s.shape) != shape:
+            raise ValueError(f"{kind} scores have shape {tuple(s.shape)}, the model needs {shape}")
+        parts.append(s.detach().float().cpu().numpy().ravel())
+    flat = np.concatenate(parts)
+    if np.isnan(flat).any():
+        raise ValueError("the detector's scores hold NaN")
+    return flat
+
+
+def _members(neurons: NeuronSet) -> np.ndarray:
+    masks = neurons.masks(KINDS)
+    return np.concatenate([masks[kind].numpy().ravel() for kind in KINDS])
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """P(a member scores above a non-member), ties counting half (Mann-Whitney U / (n₊ n₋))."""
+    labels = np.asarray(labels, bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if not n_pos or not n_neg:
+        raise ValueError("AUROC needs members and non-members")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@dataclass
+class Recovery:
+    """How a detector's ranking of every neuron finds a target set (the planted or distractor
+    neurons): ``precision`` of its top ``n_target`` (equal to recall at ``n_target``), ``auroc``,
+    and the chance level of the precision (``n_target / n_neurons``; AUROC's is 0.5)."""
+
+    detector: str
+    target: str
+    n_target: int
+    n_neurons: int
+    precision: float
+    auroc: float
+    chance_precision: float
+    seconds: float | None = None
+
+
+def recovery(
+    scores: Mapping[Kind, Tensor],
+    target: NeuronSet,
+    detector: str = "",
+    target_name: str = "planted",
+    seconds: float | None = None,
+    seed: int = 0,
+) -> Recovery:
+    """Score a detector's per-neuron ``scores`` (``{kind: [layer, neuron]}``, larger = more
+    likely) against ``target``; ties in the top ``|target|`` are broken at random (``seed``)."""
+    if not len(target):
+        raise ValueError("the target NeuronSet is empty: nothing to recover")
+    x, y = _flat(scores, target.arch), _members(target)
+    k = int(y.sum())
+    order = np.random.default_rng(seed).permutation(len(x))
+    top = order[np.argsort(-x[order], kind="stable")[:k]]
+    precision = float(y[top].mean())
+    return Recovery(detector, target_name, k, len(x), precision, auroc(x, y), k / len(x), seconds)
+
+
+@dataclass
+class RecoveryResult:
+    """Every detector's :class:`Recovery` of the planted (and distractor) neurons, and for a
+    planted direction the cosine of each found direction to it."""
+
+    rows: list[Recovery] = field(default_factory=list)
+    directions: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per detector and target."""
+        return pd.DataFrame([asdict(r) for r in self.rows], columns=[f.name for f in fields(Recovery)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": [asdict(r) for r in self.rows], "directions": self.directions, "config": self.config}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecoveryResult:
+        return cls(
+            [Recovery(**r) for r in d["rows"]], list(d.get("directions", [])), dict(d.get("config", {}))
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RecoveryResult:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def plot(self, title: str = "Recovery of the planted neurons") -> go.Figure:
+        """AUROC (bars) of each detector for the planted and distractor neurons; 0.5 is chance."""
+        frame = self.to_frame()
+        fig = px.bar(
+            frame,
+            x="detector",
+            y="auroc",
+            color="target",
+            barmode="group",
+            range_y=[0, 1],
+            hover_data=["precision", "chance_precision", "seconds"],
+            title=title,
+        )
+        fig.add_hline(y=0.5, line_dash="dot", annotation_text="chance")
+        return fig
+
+
+Detector = Callable[["RecoveryBenchmark"], Scores]
+
+
+class RecoveryBenchmark:
+    """Every detector of :data:`DETECTORS` run on a planted model and scored against its ground
+    truth. Importances are computed once and shared; a detector's ``seconds`` include what it
+    computed first."""
+
+    def __init__(
+        self,
+        planted: PlantedModel,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        batch_size: int = 4,
+        max_new_tokens: int = 32,
+    ) -> None:
+        self.planted = planted
+        self.harmful = check_prompts(harmful, "harmful")
+        self.harmless = check_prompts(harmless, "harmless")
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self._cache: dict[str, Importance] = {}
+
+    def importance(self, which: str) -> Importance:
+        """``"planted"`` / ``"base"`` on the harmful prompts, ``"harmless"`` (planted model)."""
+        if which not in self._cache:
+            subject = self.planted.base if which == "base" else self.planted.subject
+            prompts = self.harmless if which == "harmless" else self.harmful
+            self._cache[which] = neuron_importance(
+                subject, prompts, batch_size=self.batch_size, progress=False
+            )
+        return self._cache[which]
+
+    def run(self, detectors: Mapping[str, Detector] | None = None) -> RecoveryResult:
+        """Each detector against the planted and distractor neurons; for a planted direction,
+        :func:`find_refusal_direction` against it (cosine; chance: the mean |cosine| of a random
+        unit vector, ``sqrt(2 / (π d_model))``)."""
+        targets = [("planted", self.planted.planted), ("distractor", self.planted.distractor)]
+        targets = [(name, s) for name, s in targets if s is not None and len(s)]
+        if not targets and self.planted.direction is None:
+            raise ValueError("the planted model has neither planted neurons nor a planted direction")
+        rows = []
+        for name, detector in dict(DETECTORS if detectors is None else detectors).items() if targets else ():
+            start = time.perf_counter()
+            scores = detector(self)
+            seconds = time.perf_counter() - start
+            logger.info("detector %r scored in %.1f s", name, seconds)
+            rows += [recovery(scores, s, name, target, seconds) for target, s in targets]
+        directions = [self.direction()] if self.planted.direction is not None else []
+        config = {
+            "model": self.planted.subject.name,
+            "harmful": len(self.harmful),
+            "harmless": len(self.harmless),
+            **self.planted.record,
+        }
+        return RecoveryResult(rows, directions, config=config)
+
+    def direction(self) -> dict[str, Any]:
+        """:func:`find_refusal_direction` on the planted model, scored by cosine to the planted one."""
+        start = time.perf_counter()
+        found = find_refusal_direction(
+            self.planted.subject, self.harmful, self.harmless, batch_size=self.batch_size, progress=False
+        )
+        r = self.planted.direction
+        return {
+            "detector": "refusal direction (difference in means)",
+            "cosine": float(found.unit.float().cpu() @ r.float().cpu()),
+            "layer": found.layer,
+            "planted_layer": self.planted.layer,
+            "chance": math.sqrt(2 / (math.pi * r.numel())),
+            "seconds": time.perf_counter() - start,
+        }
+
+
+def _min_rank(importance: Importance) -> Scores:
+    return {kind: r.min(0).values for kind, r in importance.ranks().items()}
+
+
+def _mean_rank(importance: Importance) -> Scores:
+    return {kind: r.mean(0) for kind, r in importance.ranks().items()}
+
+
+def _rank_gain(bench: RecoveryBenchmark) -> Scores:
+    planted, base = _mean_rank(bench.importance("planted")), _mean_rank(bench.importance("base"))
+    return {kind: planted[kind] - base[kind] for kind in planted}
+
+
+def _activation_contrast(bench: RecoveryBenchmark) -> Scores:
+    return contrast_activations(
+        bench.planted.subject,
+        bench.planted.base,
+        bench.harmful,
+        kinds=KINDS,
+        max_new_tokens=bench.max_new_tokens,
+        batch_size=bench.batch_size,
+    ).scores
+
+
+#: name -> detector: per-neuron scores of a planted model (larger = more likely planted).
+DETECTORS: dict[str, Detector] = {
+    "weight change (oracle)": lambda b: weight_change(b.planted.base, b.planted.subject),
+    "importance, Eq. 3 (min rank)": lambda b: _min_rank(b.importance("planted")),
+    "importance, harmful - harmless": lambda b: contrast_scores(
+        b.importance("planted"), b.importance("harmless")
+    ),
+    "importance, planted - original": _rank_gain,
+    "activation contrast (Chen)": _activation_contrast,
+}
