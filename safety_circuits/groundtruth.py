@@ -59,7 +59,7 @@ from safety_circuits.direction import _untie_embeddings, find_refusal_direction
 from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.loading import load_model
 from safety_circuits.neurons import KINDS, Kind, NeuronSet, _owned, check_arch, hook_name, kind_size
-from safety_circuits.tracing import first_token_ids
+from safety_circuits.tracing import first_token_ids, neuron_attribution
 from safety_circuits.tuning import (
     Document,
     TuneConfig,
@@ -518,6 +518,14 @@ def _activation_contrast(bench: RecoveryBenchmark) -> Scores:
     ).scores
 
 
+def _attribution(bench: RecoveryBenchmark) -> Scores:
+    n = min(len(bench.harmful), len(bench.harmless))
+    effect = neuron_attribution(
+        bench.planted.subject, bench.harmful[:n], bench.harmless[:n], batch_size=bench.batch_size
+    )
+    return {kind: -e for kind, e in effect.items()}  # refusal lost when the harmless value comes in
+
+
 #: name -> detector: per-neuron scores of a planted model (larger = more likely planted).
 DETECTORS: dict[str, Detector] = {
     "weight change (oracle)": lambda b: weight_change(b.planted.base, b.planted.subject),
@@ -527,4 +535,5 @@ DETECTORS: dict[str, Detector] = {
     ),
     "importance, planted - original": _rank_gain,
     "activation contrast (Chen)": _activation_contrast,
+    "attribution patching, harmful -> harmless": _attribution,
 }

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from safety_circuits._kv_cache import cache_kwargs, new_cache
 from safety_circuits.activations import Batch, batches, check_prompts, left_pad, render, tokenize
-from safety_circuits.neurons import KINDS, HookFn, NeuronSet, check_arch, hook_name
+from safety_circuits.neurons import KINDS, HookFn, Kind, NeuronSet, check_arch, hook_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -439,6 +439,60 @@ def patched_metrics(
     return (patched, *((t_metric, s_metric) if mode == "noising" else (s_metric, t_metric)))
 
 
+@dataclass
+class _GradPass:
+    """One target batch's forward and backward pass: its activations, their gradients and the
+    source batch's activations at the same hooks (last ``k`` positions when ``k`` is set)."""
+
+    order: list[int]
+    k: int | None
+    target_metric: Tensor
+    source_metric: Tensor
+    acts: dict[str, Tensor]
+    grads: dict[str, Tensor]
+    source: dict[str, Tensor]
+
+
+def _grad_passes(
+    subject: Subject,
+    target: list[str],
+    source: list[str],
+    names: Sequence[str],
+    positions: Positions,
+    metric: Metric,
+    batch_size: int,
+    chat: bool,
+) -> Iterator[_GradPass]:
+    kept: dict[str, Tensor] = {}
+
+    def keeper(name: str) -> HookFn:
+        def keep(act: Tensor, *, hook) -> Tensor:
+            if not act.requires_grad:  # parameters frozen: start the graph here
+                act.requires_grad_(True)
+            kept[name] = act
+            return act  # returned, so that the bridge computes on this very tensor
+
+        return keep
+
+    # Through the bridge, left-padded rows get NaN gradients everywhere (from the fully masked
+    # pad queries), although their forward pass is fine: there, one pair at a time, unpadded.
+    rows = batch_size if subject.backend == "hooked" else 1
+    k, pairs = _paired_batches(subject, target, source, positions, rows, chat)
+    for order, t_batch, s_batch in pairs:
+        with torch.no_grad():
+            acts, s_logits = _source_run(subject, s_batch, names, k)
+        kept.clear()
+        with torch.enable_grad(), subject.tl.hooks(fwd_hooks=[(n_, keeper(n_)) for n_ in names]):
+            logits = subject.tl(t_batch.input_ids, attention_mask=t_batch.attention_mask)[:, -1]
+            scores = metric(logits)
+            grads = dict(zip(names, torch.autograd.grad(scores.sum(), [kept[x] for x in names]), strict=True))
+        detached = {name: kept[name].detach() for name in names}
+        for name in names:
+            if k is None and acts[name].shape[1] != detached[name].shape[1]:
+                raise ValueError("patching every position needs equal token lengths in each pair")
+        yield _GradPass(order, k, scores.detach(), metric(s_logits).detach(), detached, grads, acts)
+
+
 def attribution_metrics(
     subject: Subject,
     clean: Sequence[str],
@@ -461,39 +515,50 @@ def attribution_metrics(
     target, source = (clean, corrupted) if mode == "noising" else (corrupted, clean)
     n = len(clean)
     patched, t_metric, s_metric = torch.zeros(len(sites), n), torch.zeros(n), torch.zeros(n)
-    kept: dict[str, Tensor] = {}
-
-    def keeper(name: str) -> HookFn:
-        def keep(act: Tensor, *, hook) -> Tensor:
-            if not act.requires_grad:  # parameters frozen: start the graph here
-                act.requires_grad_(True)
-            kept[name] = act
-            return act  # returned, so that the bridge computes on this very tensor
-
-        return keep
-
-    # Through the bridge, left-padded rows get NaN gradients everywhere (from the fully masked
-    # pad queries), although their forward pass is fine: there, one pair at a time, unpadded.
-    rows = batch_size if subject.backend == "hooked" else 1
-    k, pairs = _paired_batches(subject, target, source, positions, rows, chat)
-    for order, t_batch, s_batch in pairs:
-        with torch.no_grad():
-            acts, s_logits = _source_run(subject, s_batch, names, k)
-        s_metric[order] = metric(s_logits).float().cpu()
-        kept.clear()
-        with torch.enable_grad(), subject.tl.hooks(fwd_hooks=[(n_, keeper(n_)) for n_ in names]):
-            logits = subject.tl(t_batch.input_ids, attention_mask=t_batch.attention_mask)[:, -1]
-            scores = metric(logits)
-            grads = dict(zip(names, torch.autograd.grad(scores.sum(), [kept[x] for x in names]), strict=True))
-        t_metric[order] = scores.detach().float().cpu()
+    for run in _grad_passes(subject, target, source, names, positions, metric, batch_size, chat):
+        t_metric[run.order] = run.target_metric.float().cpu()
+        s_metric[run.order] = run.source_metric.float().cpu()
         for i, site in enumerate(sites):
-            act, grad, src = kept[site.hook].detach(), grads[site.hook], acts[site.hook]
-            if k is None and src.shape[1] != act.shape[1]:
-                raise ValueError("patching every position needs equal token lengths in each pair")
-            sel = _selection(act, site, k)
+            act, grad, src = run.acts[site.hook], run.grads[site.hook], run.source[site.hook]
+            sel = _selection(act, site, run.k)
             delta = (src[_selection(src, site, None)] - act[sel]) * grad[sel]
-            patched[i, order] = (scores.detach() + delta.flatten(1).sum(-1)).float().cpu()
+            patched[i, run.order] = (run.target_metric + delta.flatten(1).sum(-1)).float().cpu()
     return (patched, *((t_metric, s_metric) if mode == "noising" else (s_metric, t_metric)))
+
+
+def neuron_attribution(
+    subject: Subject,
+    clean: Sequence[str],
+    corrupted: Sequence[str],
+    kinds: Sequence[Kind] = KINDS,
+    mode: Mode = "noising",
+    positions: Positions = "suffix",
+    metric: Metric | None = None,
+    batch_size: int = 8,
+    chat: bool = True,
+) -> dict[Kind, Float[Tensor, "layer neuron"]]:
+    """Attribution patching of every neuron of ``kinds`` at once: per neuron ``[layer, neuron]``,
+    the mean over pairs of its first-order effect on the metric when its activation at the patched
+    positions is replaced by the source prompt's, ``Σ_pos (source − target) · ∂metric/∂act``
+    (noising: target = ``clean``; negative where the neuron carries the clean behaviour)."""
+    clean, corrupted = _check_pairs(clean, corrupted)
+    if mode not in ("noising", "denoising"):
+        raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}")
+    metric = default_metric(subject, metric)
+    arch = subject.arch
+    names = [hook_name(layer, kind) for layer in range(arch.n_layers) for kind in kinds]
+    target, source = (clean, corrupted) if mode == "noising" else (corrupted, clean)
+    totals = {name: torch.zeros(0) for name in names}
+    for run in _grad_passes(subject, target, source, names, positions, metric, batch_size, chat):
+        for name in names:
+            act = run.acts[name] if run.k is None else run.acts[name][:, -run.k :]
+            grad = run.grads[name] if run.k is None else run.grads[name][:, -run.k :]
+            effect = ((run.source[name] - act) * grad).sum(1).flatten(1).float().cpu().sum(0)
+            totals[name] = effect if not totals[name].numel() else totals[name] + effect
+    return {
+        kind: torch.stack([totals[hook_name(layer, kind)] for layer in range(arch.n_layers)]) / len(clean)
+        for kind in kinds
+    }
 
 
 # -- results ---------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from safety_circuits.tracing import (
     common_suffix_length,
     component_sites,
     first_token_ids,
+    neuron_attribution,
+    neuron_sites,
     patched_metrics,
     refusal_scores,
     trace_components,
@@ -132,6 +134,26 @@ def test_attribution_is_first_order_patching(make_subject, backend):
     assert np.allclose(approx.clean, exact.clean, atol=1e-5)
     corr = np.corrcoef(exact.frame["effect"], approx.frame["effect"])[0, 1]
     assert corr > 0.9
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_neuron_attribution_equals_one_site_per_neuron(make_subject, family):
+    """All neurons at once equal attribution_metrics with one site per neuron (mean over pairs)."""
+    subject = make_subject(family)
+    scores = neuron_attribution(subject, HARMFUL, HARMLESS, positions="suffix")
+    picked = neurons_of(subject.arch)
+    single = [
+        site
+        for layer, kind, i in picked
+        for site in neuron_sites(NeuronSet(subject.arch, {(layer, kind): [i]}))
+    ]
+    patched, clean, _ = attribution_metrics(subject, HARMFUL, HARMLESS, single, positions="suffix")
+    expected = (patched - clean).mean(1)
+    got = torch.stack([scores[kind][layer, i] for layer, kind, i in picked])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert {k: v.shape for k, v in scores.items()} == {
+        k: (subject.arch.n_layers, v.shape[1]) for k, v in scores.items()
+    } and scores["ffn"].shape[1] == subject.arch.d_mlp
 
 
 def test_result_views_round_trip_and_plots(make_subject):
