@@ -11,10 +11,13 @@
    ``|R|`` and AUROC against ``R`` and against ``D``, beside their chance levels, with its run time.
    Detection prompts: HarmBench val (never used to plant) and as many harmless train prompts.
 3. **Planted direction.** Rank-one write/read edits along a random unit ``r`` (layer 15), and the
-   cosine of :func:`find_refusal_direction`'s choice to ``r``.
+   cosine to ``r`` of :func:`find_refusal_direction`'s choice and of the difference in means
+   right after the write.
 
-Run: ``.venv/bin/python examples/ground_truth.py`` (about 15 minutes on 2 CPU cores). Writes
-``runs/ground_truth/`` (report.html, recovery.json, the planted models).
+Run: ``.venv/bin/python examples/ground_truth.py`` (about 30 minutes on 2 CPU cores: planting
+7, the neuron detectors 3, the direction search 17); ``--reuse`` loads the planted model of a
+former run. Writes ``runs/ground_truth/`` (report.html, recovery.json, planting.csv, the planted
+models).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,8 +35,8 @@ import pandas as pd
 import safety_circuits as sc
 from safety_circuits import data
 from safety_circuits.groundtruth import (
+    PlantedModel,
     RecoveryBenchmark,
-    RecoveryResult,
     changed_neurons,
     plant_direction,
     plant_neurons,
@@ -68,6 +72,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/ground_truth")
     parser.add_argument("--planted", type=int, default=300, help="neurons in R (and in D)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true", help="load the planted model saved by a former run")
     args = parser.parse_args()
 
     base = sc.load_model(args.model)
@@ -78,19 +83,24 @@ def main() -> None:
     )
     topic = data.harmless_generated(24, seed=args.seed, topics=["cooking"])
     config = TuneConfig(lr=4e-3, epochs=2, batch_size=4, seed=args.seed)
+    folder = Path(args.out, "planted_neurons")
     start = time.perf_counter()
-    model = plant_neurons(
-        base,
-        planted,
-        data.train_harmful(80, seed=args.seed),
-        data.harmless("train"),
-        distractor=distractor,
-        topic=topic[:16],
-        config=config,
-    )
+    if args.reuse and folder.exists():
+        model = PlantedModel.load(folder, base)
+    else:
+        model = plant_neurons(
+            base,
+            planted,
+            data.train_harmful(80, seed=args.seed),
+            data.harmless("train"),
+            distractor=distractor,
+            topic=topic[:16],
+            config=config,
+        )
+        model.save(folder, overwrite=True)
     plant_seconds = time.perf_counter() - start
-    assert changed_neurons(base, model.subject) == planted | distractor
-    model.save(f"{args.out}/planted_neurons", overwrite=True)
+    if changed_neurons(base, model.subject) != planted | distractor:
+        raise RuntimeError("the planted model changed other neurons than R and D")
 
     harmful_val = data.suite("advbench").prompts("validation")
     harmless_val = data.suite("harmless").prompts("validation")
@@ -105,9 +115,14 @@ def main() -> None:
             for metric, r in rates.items()
         ]
     )
+    check_frame.to_csv(f"{args.out}/planting.csv", index=False)
+    print(check_frame.to_string(index=False))
 
     detection, harmless = data.harmbench("val"), data.harmless("train")[: len(data.harmbench("val"))]
     result = RecoveryBenchmark(model, detection, harmless, batch_size=8).run()
+    result.config["plant_seconds"] = plant_seconds
+    result.save(f"{args.out}/recovery.json")
+    print(result.to_frame().to_string(index=False))
 
     start = time.perf_counter()
     plant_prompts = data.train_harmful(40, seed=args.seed)
@@ -115,13 +130,8 @@ def main() -> None:
     direction_seconds = time.perf_counter() - start
     direction.save(f"{args.out}/planted_direction", overwrite=True)
     found = RecoveryBenchmark(direction, detection, harmless, batch_size=8).run()
-    result = RecoveryResult(
-        result.rows,
-        found.directions,
-        {**result.config, "plant_seconds": plant_seconds, "direction_seconds": direction_seconds},
-    )
+    result.directions = [{**row, "plant_seconds": direction_seconds} for row in found.directions]
     result.save(f"{args.out}/recovery.json")
-    check_frame.to_csv(f"{args.out}/planting.csv", index=False)
 
     frame = result.to_frame()
     path = write_report(
@@ -141,8 +151,6 @@ def main() -> None:
             ("Planted direction", [pd.DataFrame(result.directions)]),
         ],
     )
-    print(check_frame.to_string(index=False))
-    print(frame.to_string(index=False))
     print(json.dumps(result.directions, indent=1))
     print(f"report: {path}")
 

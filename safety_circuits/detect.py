@@ -145,7 +145,12 @@ def contrast_scores(harmful: Importance, harmless: Importance) -> dict[Kind, Ten
 
         s_n = mean_x r_n(x) − mean_y r_n(y),   r_n(x) = rank of I_n(x) among x's neurons of n's kind / (N − 1)
 
-    Ranks make prompts and kinds comparable (q/k scores are pattern changes, ffn/v/o output norms)."""
+    Ranks make prompts and kinds comparable (q/k scores are pattern changes, ffn/v/o output norms).
+
+    Ground truth (:mod:`safety_circuits.groundtruth`, SmolLM2 with refusal planted in 300 random
+    neurons): this score ranks the planted neurons at AUROC 0.57, near chance: on one model it
+    finds neurons the harmful prompts *use*, not the neurons that make the model refuse. Against
+    the model before tuning (planted minus original mean rank), the same importances reach 0.83."""
     _check_contrast(harmful, harmless)
     mine, theirs = harmful.ranks(), harmless.ranks()
     return {kind: mine[kind].mean(0) - theirs[kind].mean(0) for kind in harmful.kinds}

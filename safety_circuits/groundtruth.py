@@ -55,7 +55,7 @@ from safety_circuits._io import atomic_file, atomic_folder, load_tensors, save_t
 from safety_circuits.activations import activations_at, check_prompts, render, tokenize
 from safety_circuits.contrast import contrast_activations
 from safety_circuits.detect import contrast_scores
-from safety_circuits.direction import _untie_embeddings, find_refusal_direction
+from safety_circuits.direction import _untie_embeddings, diff_in_means, find_refusal_direction
 from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.loading import load_model
 from safety_circuits.neurons import KINDS, Kind, NeuronSet, _owned, check_arch, hook_name, kind_size
@@ -150,6 +150,8 @@ class PlantedModel:
         if not meta_path.exists():
             raise FileNotFoundError(f"{folder} is not a planted model (no groundtruth.json)")
         meta = json.loads(meta_path.read_text())
+        if meta["base"] != base.name:
+            logger.warning("%s was planted on %r, read against %r", folder, meta["base"], base.name)
         subject = load_model(str(folder), backend=base.backend, max_ctx=base.max_ctx)
         check_arch(base.arch, subject.arch, "planted model")
         sets = {
@@ -427,7 +429,8 @@ Detector = Callable[["RecoveryBenchmark"], Scores]
 class RecoveryBenchmark:
     """Every detector of :data:`DETECTORS` run on a planted model and scored against its ground
     truth. Importances are computed once and shared; a detector's ``seconds`` include what it
-    computed first."""
+    computed first. A planted direction is sought with :func:`find_refusal_direction` on all the
+    prompts, its candidates scored on the first ``direction_val`` of each (no KL filter)."""
 
     def __init__(
         self,
@@ -436,8 +439,10 @@ class RecoveryBenchmark:
         harmless: Sequence[str],
         batch_size: int = 4,
         max_new_tokens: int = 32,
+        direction_val: int = 16,
     ) -> None:
         self.planted = planted
+        self.direction_val = direction_val
         self.harmful = check_prompts(harmful, "harmful")
         self.harmless = check_prompts(harmless, "harmless")
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -478,17 +483,37 @@ class RecoveryBenchmark:
         return RecoveryResult(rows, directions, config=config)
 
     def direction(self) -> dict[str, Any]:
-        """:func:`find_refusal_direction` on the planted model, scored by cosine to the planted one."""
+        """:func:`find_refusal_direction` on the planted model, scored by cosine to the planted
+        direction; ``cosine_after_write``: that of the difference in means at the input of the
+        layer after the write (same position), whether or not the search chose that layer."""
         start = time.perf_counter()
         found = find_refusal_direction(
-            self.planted.subject, self.harmful, self.harmless, batch_size=self.batch_size, progress=False
+            self.planted.subject,
+            self.harmful,
+            self.harmless,
+            harmful_val=self.harmful[: self.direction_val],
+            harmless_val=self.harmless[: self.direction_val],
+            max_kl=None,
+            batch_size=self.batch_size,
+            progress=False,
         )
-        r = self.planted.direction
+        r = self.planted.direction.float().cpu()
+        after = diff_in_means(
+            self.planted.subject,
+            self.harmful,
+            self.harmless,
+            positions=[found.position],
+            layers=[self.planted.layer + 1],
+            batch_size=self.batch_size,
+            progress=False,
+        ).flatten()
         return {
             "detector": "refusal direction (difference in means)",
-            "cosine": float(found.unit.float().cpu() @ r.float().cpu()),
+            "cosine": float(found.unit.float().cpu() @ r),
             "layer": found.layer,
+            "position": found.position,
             "planted_layer": self.planted.layer,
+            "cosine_after_write": float(after @ r / after.norm()),
             "chance": math.sqrt(2 / (math.pi * r.numel())),
             "seconds": time.perf_counter() - start,
         }

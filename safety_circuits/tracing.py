@@ -540,7 +540,10 @@ def neuron_attribution(
     """Attribution patching of every neuron of ``kinds`` at once: per neuron ``[layer, neuron]``,
     the mean over pairs of its first-order effect on the metric when its activation at the patched
     positions is replaced by the source prompt's, ``Σ_pos (source − target) · ∂metric/∂act``
-    (noising: target = ``clean``; negative where the neuron carries the clean behaviour)."""
+    (noising: target = ``clean``; negative where the neuron carries the clean behaviour).
+
+    A first-order estimate of single-neuron effects: on SmolLM2 with refusal planted in 300 random
+    neurons (:mod:`safety_circuits.groundtruth`) it ranks them at AUROC 0.55, near chance."""
     clean, corrupted = _check_pairs(clean, corrupted)
     if mode not in ("noising", "denoising"):
         raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}")

@@ -144,7 +144,8 @@ def test_plant_direction_is_found_by_difference_in_means(make_subject, tmp_path)
     again = PlantedModel.load(model.save(tmp_path / "direction"), subject)
     assert torch.equal(again.direction, r) and again.layer == 0 and again.planted is None
     result = RecoveryBenchmark(model, HARMFUL, HARMLESS).run()
-    assert result.rows == [] and result.directions[0]["cosine"] >= 0.9
+    row = result.directions[0]
+    assert result.rows == [] and row["cosine"] >= 0.9 and row["cosine_after_write"] >= 0.9
     assert result.directions[0]["chance"] < 0.2
     before = diff_in_means(subject, HARMFUL, HARMLESS, layers=[1], positions=[-1], progress=False)
     assert torch.nn.functional.cosine_similarity(before.flatten().float(), r, dim=0).abs() < 0.5
