@@ -147,10 +147,13 @@ def contrast_scores(harmful: Importance, harmless: Importance) -> dict[Kind, Ten
 
     Ranks make prompts and kinds comparable (q/k scores are pattern changes, ffn/v/o output norms).
 
+    The two importances may also be the *same* prompts on two models (a tuned model and its
+    original): the score is then each neuron's gain in importance from the tuning.
+
     Ground truth (:mod:`safety_circuits.groundtruth`, SmolLM2 with refusal planted in 300 random
-    neurons): this score ranks the planted neurons at AUROC 0.57, near chance: on one model it
-    finds neurons the harmful prompts *use*, not the neurons that make the model refuse. Against
-    the model before tuning (planted minus original mean rank), the same importances reach 0.83."""
+    neurons): harmful minus harmless on the planted model ranks the planted neurons at AUROC 0.57,
+    near chance: on one model it finds neurons the harmful prompts *use*, not the neurons that make
+    the model refuse. Planted minus original on the harmful prompts reaches 0.83."""
     _check_contrast(harmful, harmless)
     mine, theirs = harmful.ranks(), harmless.ranks()
     return {kind: mine[kind].mean(0) - theirs[kind].mean(0) for kind in harmful.kinds}
@@ -160,7 +163,8 @@ def scored_neurons(
     harmful: Importance, harmless: Importance, quantile: float = DEFAULT_QUANTILE
 ) -> NeuronSet:
     """The neurons whose :func:`contrast_scores` is at least the ``quantile`` of their kind's
-    scores: the share ``1 − quantile`` of each kind most specific to the harmful prompts."""
+    scores: the share ``1 − quantile`` of each kind most specific to the harmful prompts (or, given
+    one prompt set's importance on a tuned model and on its original, most gained by the tuning)."""
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     scores = contrast_scores(harmful, harmless)

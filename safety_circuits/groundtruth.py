@@ -523,13 +523,9 @@ def _min_rank(importance: Importance) -> Scores:
     return {kind: r.min(0).values for kind, r in importance.ranks().items()}
 
 
-def _mean_rank(importance: Importance) -> Scores:
-    return {kind: r.mean(0) for kind, r in importance.ranks().items()}
-
-
-def _rank_gain(bench: RecoveryBenchmark) -> Scores:
-    planted, base = _mean_rank(bench.importance("planted")), _mean_rank(bench.importance("base"))
-    return {kind: planted[kind] - base[kind] for kind in planted}
+def _importance_contrast(first: str, second: str) -> Detector:
+    """:func:`~safety_circuits.detect.contrast_scores` of two of the benchmark's importances."""
+    return lambda bench: contrast_scores(bench.importance(first), bench.importance(second))
 
 
 def _activation_contrast(bench: RecoveryBenchmark) -> Scores:
@@ -555,10 +551,8 @@ def _attribution(bench: RecoveryBenchmark) -> Scores:
 DETECTORS: dict[str, Detector] = {
     "weight change (oracle)": lambda b: weight_change(b.planted.base, b.planted.subject),
     "importance, Eq. 3 (min rank)": lambda b: _min_rank(b.importance("planted")),
-    "importance, harmful - harmless": lambda b: contrast_scores(
-        b.importance("planted"), b.importance("harmless")
-    ),
-    "importance, planted - original": _rank_gain,
+    "importance, harmful - harmless": _importance_contrast("planted", "harmless"),
+    "importance, planted - original": _importance_contrast("planted", "base"),
     "activation contrast (Chen)": _activation_contrast,
     "attribution patching, harmful -> harmless": _attribution,
 }
