@@ -9,6 +9,8 @@ For tests, notebooks run in CI, and users checking their own code without a real
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from functools import cache
 
@@ -62,6 +64,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     # TransformerLens needs a tokenizer it can re-load by name: give it a folder of its own.
     folder = tempfile.mkdtemp(prefix="safety_circuits_tiny_tokenizer_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # kept while the process runs
     fast.save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
