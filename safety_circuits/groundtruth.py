@@ -16,7 +16,7 @@ Every detector of the toolkit is exact about what it computes; this module asks 
   models (the exact oracle: its support is the planted set).
 - :func:`recovery`: how a detector's per-neuron scores rank ``R`` (and ``D``): precision at
   ``|R|`` (equal to recall at ``|R|``), AUROC, and the chance level of each;
-  :func:`recovery_benchmark` runs every detector of :data:`DETECTORS` on a planted model.
+  :class:`RecoveryBenchmark` runs every detector of :data:`DETECTORS` on a planted model.
 
 Example:
     >>> from safety_circuits.testing import tiny_subject
@@ -210,8 +210,12 @@ def _write_site(subject: Subject, layer: int) -> tuple[str, int]:
     return f"model.layers.{layer}.mlp.down_proj.weight", 1
 
 
-def _mean_last(subject: Subject, prompts: Sequence[str], name: str) -> Tensor:
-    return activations_at(subject, prompts, [name])[name][:, 0].float().mean(0)
+def _diff_last(
+    subject: Subject, harmful: list[str], harmless: list[str], names: list[str]
+) -> dict[str, Tensor]:
+    """Per hook: the harmful-minus-harmless difference in means at the prompts' last token."""
+    a, b = (activations_at(subject, prompts, names) for prompts in (harmful, harmless))
+    return {name: a[name][:, 0].float().mean(0) - b[name][:, 0].float().mean(0) for name in names}
 
 
 @torch.no_grad()
@@ -240,7 +244,6 @@ def plant_direction(
     The model's harmful-minus-harmless difference in means after ``layer`` then points along
     ``r`` (cosine → 1 as ``strength`` grows), which :func:`find_refusal_direction` should find.
     """
-
     harmful, harmless = check_prompts(harmful, "harmful"), check_prompts(harmless, "harmless")
     arch = subject.arch
     layer = arch.n_layers // 2 if layer is None else layer
@@ -251,26 +254,24 @@ def plant_direction(
     if direction is None:
         direction = torch.randn(arch.d_model, generator=torch.Generator().manual_seed(seed))
     r = direction.float() / direction.float().norm()
-    post = hook_name(layer, "ffn")
-    u = _mean_last(subject, harmful, post) - _mean_last(subject, harmless, post)
+    post, after = hook_name(layer, "ffn"), f"blocks.{layer + 1}.hook_resid_pre"
+    diffs = _diff_last(subject, harmful, harmless, [post, after])
+    u = diffs[post]
     u_norm = float(u.norm())
     if u_norm == 0:
         raise ValueError(
             f"layer {layer}'s MLP neurons do not tell the harmful prompts from the harmless ones"
         )
     u = u / u_norm  # the written difference is α (u · Δa) r = α |Δa| r
-    natural = _mean_last(subject, harmful, f"blocks.{layer + 1}.hook_resid_pre") - _mean_last(
-        subject, harmless, f"blocks.{layer + 1}.hook_resid_pre"
-    )
-    alpha = strength * float(natural.norm()) / u_norm
+    alpha = strength * float(diffs[after].norm()) / u_norm
     hf = copy.deepcopy(subject.hf)
     name, axis = _write_site(subject, layer)
     weight = dict(hf.named_parameters())[name]
     edit = alpha * torch.outer(r, u)  # [d_model, d_mlp]
     weight.add_((edit if axis == 1 else edit.T).to(weight.dtype))
-    planted = load_model(hf, backend=subject.backend, tokenizer=subject.tokenizer, max_ctx=subject.max_ctx)
-    # read: the final (normalised) hidden state's component along r, harmful minus harmless
-    gap = float((_final_hidden(planted, harmful) - _final_hidden(planted, harmless)) @ r.to(planted.device))
+    # read: the edited model's final (normalised) hidden state along r, harmful minus harmless
+    shift = _final_hidden(subject, hf, harmful) - _final_hidden(subject, hf, harmless)
+    gap = float(shift @ r.to(shift.device))
     tokens = (
         list(refusal_tokens)
         if refusal_tokens is not None
@@ -293,13 +294,12 @@ def plant_direction(
 
 
 @torch.no_grad()
-def _final_hidden(subject: Subject, prompts: Sequence[str]) -> Tensor:
-    """The mean over prompts of the HF model's final (normalised) hidden state at the last token,
-    one prompt at a time (no padding)."""
+def _final_hidden(subject: Subject, hf: Any, prompts: Sequence[str]) -> Tensor:
+    """The mean over prompts of HF model ``hf``'s final (normalised) hidden state at the last
+    token of each prompt rendered for ``subject``, one prompt at a time (no padding)."""
     ids = tokenize(subject, render(subject, prompts))
-    body = subject.hf.base_model
     states = [
-        body(input_ids=torch.tensor([row], device=subject.device)).last_hidden_state[0, -1] for row in ids
+        hf.base_model(input_ids=torch.tensor([row], device=hf.device)).last_hidden_state[0, -1] for row in ids
     ]
     return torch.stack(states).float().mean(0)
 
@@ -467,7 +467,8 @@ class RecoveryBenchmark:
         if not targets and self.planted.direction is None:
             raise ValueError("the planted model has neither planted neurons nor a planted direction")
         rows = []
-        for name, detector in dict(DETECTORS if detectors is None else detectors).items() if targets else ():
+        detectors = dict(DETECTORS if detectors is None else detectors) if targets else {}
+        for name, detector in detectors.items():
             start = time.perf_counter()
             scores = detector(self)
             seconds = time.perf_counter() - start
