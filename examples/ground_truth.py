@@ -10,12 +10,15 @@
    92,160 neurons of the planted model (or the planted/original pair). Each gets precision at
    ``|R|`` and AUROC against ``R`` and against ``D``, beside their chance levels, with its run time.
    Detection prompts: HarmBench val (never used to plant) and as many harmless train prompts.
+   Then each detector's top ``|R|`` neurons are patched from the planted model into the original
+   while it answers the AdvBench validation prompts (dynamic patching): the share of the planted
+   refusal they bring, against ``R`` itself and random neurons of its counts.
 3. **Planted direction.** Rank-one write/read edits along a random unit ``r`` (layer 15), and the
    cosine to ``r`` of :func:`find_refusal_direction`'s choice and of the difference in means
    right after the write.
 
-Run: ``.venv/bin/python examples/ground_truth.py`` (about 30 minutes on 2 CPU cores: planting
-7, the neuron detectors 3, the direction search 17); ``--reuse`` loads the planted model of a
+Run: ``.venv/bin/python examples/ground_truth.py`` (about 40 minutes on 2 CPU cores: planting
+7, the neuron detectors 4, patching 10, the direction search 17); ``--reuse`` loads the planted model of a
 former run. Writes ``runs/ground_truth/`` (report.html, recovery.json, planting.csv, the planted
 models).
 """
@@ -119,7 +122,7 @@ def main() -> None:
     print(check_frame.to_string(index=False))
 
     detection, harmless = data.harmbench("val"), data.harmless("train")[: len(data.harmbench("val"))]
-    result = RecoveryBenchmark(model, detection, harmless, batch_size=8).run()
+    result = RecoveryBenchmark(model, detection, harmless, batch_size=8, patch_prompts=harmful_val).run()
     result.config["plant_seconds"] = plant_seconds
     result.save(f"{args.out}/recovery.json")
     print(result.to_frame().to_string(index=False))
@@ -148,6 +151,10 @@ def main() -> None:
                 ],
             ),
             ("Recovery of R and D by each detector", [result.plot(), frame]),
+            (
+                "Patching each detector's top |R| neurons into the original (AdvBench validation ASR)",
+                [pd.DataFrame([result.config["patching"]])],
+            ),
             ("Planted direction", [pd.DataFrame(result.directions)]),
         ],
     )

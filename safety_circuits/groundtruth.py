@@ -56,9 +56,12 @@ from safety_circuits.activations import activations_at, check_prompts, render, t
 from safety_circuits.contrast import contrast_activations
 from safety_circuits.detect import contrast_scores
 from safety_circuits.direction import _untie_embeddings, diff_in_means, find_refusal_direction
+from safety_circuits.evaluate import attack_success_rate
 from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.loading import load_model
 from safety_circuits.neurons import KINDS, Kind, NeuronSet, _owned, check_arch, hook_name, kind_size
+from safety_circuits.patching import dynamic_patching, restored
+from safety_circuits.stats import auroc_interval, wilson_interval
 from safety_circuits.tracing import first_token_ids, neuron_attribution
 from safety_circuits.tuning import (
     Document,
@@ -341,8 +344,12 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 @dataclass
 class Recovery:
     """How a detector's ranking of every neuron finds a target set (the planted or distractor
-    neurons): ``precision`` of its top ``n_target`` (equal to recall at ``n_target``), ``auroc``,
-    and the chance level of the precision (``n_target / n_neurons``; AUROC's is 0.5)."""
+    neurons): ``precision`` of its top ``n_target`` (equal to recall at ``n_target``) with its
+    Wilson interval, ``auroc`` with its Hanley-McNeil interval (both over the choice of neurons,
+    for one planting), and the chance level of the precision (``n_target / n_neurons``; AUROC's
+    is 0.5). With patching prompts, ``asr_patched``: the original model's ASR with the
+    detector's top ``n_target`` neurons patched in from the planted model
+    (:func:`dynamic_patching`), and ``restored``: :func:`~safety_circuits.patching.restored` of it."""
 
     detector: str
     target: str
@@ -352,6 +359,12 @@ class Recovery:
     auroc: float
     chance_precision: float
     seconds: float | None = None
+    precision_lo: float | None = None
+    precision_hi: float | None = None
+    auroc_lo: float | None = None
+    auroc_hi: float | None = None
+    asr_patched: float | None = None
+    restored: float | None = None
 
 
 def recovery(
@@ -368,10 +381,44 @@ def recovery(
         raise ValueError("the target NeuronSet is empty: nothing to recover")
     x, y = _flat(scores, target.arch), _members(target)
     k = int(y.sum())
+    hits = int(y[_top_k(x, k, seed)].sum())
+    area = auroc(x, y)
+    return Recovery(
+        detector,
+        target_name,
+        k,
+        len(x),
+        hits / k,
+        area,
+        k / len(x),
+        seconds,
+        *wilson_interval(hits, k),
+        *auroc_interval(area, k, len(x) - k),
+    )
+
+
+def _top_k(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Flat indices of the ``k`` largest of ``x``, ties broken at random (``seed``)."""
     order = np.random.default_rng(seed).permutation(len(x))
-    top = order[np.argsort(-x[order], kind="stable")[:k]]
-    precision = float(y[top].mean())
-    return Recovery(detector, target_name, k, len(x), precision, auroc(x, y), k / len(x), seconds)
+    return order[np.argsort(-x[order], kind="stable")[:k]]
+
+
+def _unflat(flat: np.ndarray, arch: Any) -> dict[Kind, Tensor]:
+    """The inverse of :func:`_flat`: ``{kind: [layer, neuron]}`` from (kind, layer, index) order."""
+    out, start = {}, 0
+    for kind in KINDS:
+        size = arch.n_layers * kind_size(arch, kind)
+        part = np.ascontiguousarray(flat[start : start + size])
+        out[kind] = torch.from_numpy(part).reshape(arch.n_layers, -1)
+        start += size
+    return out
+
+
+def top_neurons(scores: Mapping[Kind, Tensor], arch: Any, k: int, seed: int = 0, name: str = "") -> NeuronSet:
+    """The ``k`` best-scored neurons as a :class:`NeuronSet` (ties broken as in :func:`recovery`)."""
+    flat = np.zeros(sum(arch.n_layers * kind_size(arch, kind) for kind in KINDS), dtype=bool)
+    flat[_top_k(_flat(scores, arch), k, seed)] = True
+    return NeuronSet.from_masks(arch, _unflat(flat, arch), name=name)
 
 
 @dataclass
@@ -430,7 +477,13 @@ class RecoveryBenchmark:
     """Every detector of :data:`DETECTORS` run on a planted model and scored against its ground
     truth. Importances are computed once and shared; a detector's ``seconds`` include what it
     computed first. A planted direction is sought with :func:`find_refusal_direction` on all the
-    prompts, its candidates scored on the first ``direction_val`` of each (no KL filter)."""
+    prompts, its candidates scored on the first ``direction_val`` of each (no KL filter).
+
+    With ``patch_prompts`` (harmful prompts the original model answers), each detector's top
+    ``|R|`` neurons are also patched from the planted model into the original during generation
+    (:func:`dynamic_patching`): does the set it found carry the refusal? The references (the two
+    models' ASR, and patching ``R`` itself or random neurons of its counts) go to
+    ``config["patching"]``."""
 
     def __init__(
         self,
@@ -440,11 +493,13 @@ class RecoveryBenchmark:
         batch_size: int = 4,
         max_new_tokens: int = 32,
         direction_val: int = 16,
+        patch_prompts: Sequence[str] | None = None,
     ) -> None:
         self.planted = planted
         self.direction_val = direction_val
         self.harmful = check_prompts(harmful, "harmful")
         self.harmless = check_prompts(harmless, "harmless")
+        self.patch_prompts = None if patch_prompts is None else check_prompts(patch_prompts, "patch_prompts")
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self._cache: dict[str, Importance] = {}
 
@@ -468,12 +523,19 @@ class RecoveryBenchmark:
             raise ValueError("the planted model has neither planted neurons nor a planted direction")
         rows = []
         detectors = dict(DETECTORS if detectors is None else detectors) if targets else {}
+        planted = self.planted.planted
+        reference = self.patching_reference() if self.patch_prompts and planted is not None else None
         for name, detector in detectors.items():
             start = time.perf_counter()
             scores = detector(self)
             seconds = time.perf_counter() - start
             logger.info("detector %r scored in %.1f s", name, seconds)
-            rows += [recovery(scores, s, name, target, seconds) for target, s in targets]
+            found = [recovery(scores, s, name, target, seconds) for target, s in targets]
+            if reference is not None:
+                asr = self.patched_asr(top_neurons(scores, planted.arch, len(planted), name=name))
+                found[0].asr_patched = asr
+                found[0].restored = restored(asr, reference["original"], reference["planted"])
+            rows += found
         directions = [self.direction()] if self.planted.direction is not None else []
         config = {
             "model": self.planted.subject.name,
@@ -481,7 +543,37 @@ class RecoveryBenchmark:
             "harmless": len(self.harmless),
             **self.planted.record,
         }
+        if reference is not None:
+            config["patching"] = {**reference, "prompts": len(self.patch_prompts or ())}
         return RecoveryResult(rows, directions, config=config)
+
+    def patched_asr(self, neurons: NeuronSet) -> float:
+        """The original model's ASR on the patching prompts with ``neurons`` patched in from the
+        planted model at every position (:func:`dynamic_patching`)."""
+        if self.patch_prompts is None:
+            raise ValueError("the benchmark was built without patch_prompts")
+        return dynamic_patching(
+            self.planted.base,
+            self.planted.subject,
+            neurons,
+            self.patch_prompts,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+        ).rate
+
+    def patching_reference(self) -> dict[str, float]:
+        """ASR of the original and planted models on the patching prompts, and of the original
+        with ``R`` itself, or random neurons of its counts per layer and kind, patched in."""
+        if self.patch_prompts is None or self.planted.planted is None:
+            raise ValueError("patching needs patch_prompts and planted neurons")
+        kwargs = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "progress": False}
+        planted = self.planted.planted
+        return {
+            "original": attack_success_rate(self.planted.base, self.patch_prompts, **kwargs).rate,
+            "planted": attack_success_rate(self.planted.subject, self.patch_prompts, **kwargs).rate,
+            "planted neurons patched": self.patched_asr(planted),
+            "random neurons patched": self.patched_asr(planted.random_like(seed=0)),
+        }
 
     def direction(self) -> dict[str, Any]:
         """:func:`find_refusal_direction` on the planted model, scored by cosine to the planted
@@ -540,6 +632,27 @@ def _activation_contrast(bench: RecoveryBenchmark) -> Scores:
     ).scores
 
 
+def _probe_weights(bench: RecoveryBenchmark, which: str) -> Scores:
+    """|weight| of a logistic probe (L2, ``C = 1``) on every neuron's standardized activation at
+    the last prompt token, harmful vs harmless prompts, on the planted or the original model."""
+    from sklearn.linear_model import LogisticRegression
+
+    subject = bench.planted.base if which == "base" else bench.planted.subject
+    arch = subject.arch
+    names = [hook_name(layer, kind) for kind in KINDS for layer in range(arch.n_layers)]
+    acts = activations_at(subject, [*bench.harmful, *bench.harmless], names, batch_size=bench.batch_size)
+    x = torch.cat([acts[name][:, 0].flatten(1) for name in names], dim=1).double().numpy()
+    x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+    y = np.r_[np.ones(len(bench.harmful)), np.zeros(len(bench.harmless))]
+    weights = LogisticRegression(C=1.0, max_iter=2000).fit(x, y).coef_[0]
+    return _unflat(np.abs(weights), arch)
+
+
+def _probe_contrast(bench: RecoveryBenchmark) -> Scores:
+    planted, base = _probe_weights(bench, "planted"), _probe_weights(bench, "base")
+    return {kind: planted[kind] - base[kind] for kind in KINDS}
+
+
 def _attribution(bench: RecoveryBenchmark) -> Scores:
     n = min(len(bench.harmful), len(bench.harmless))
     effect = neuron_attribution(
@@ -556,4 +669,6 @@ DETECTORS: dict[str, Detector] = {
     "importance, planted - original": _importance_contrast("planted", "base"),
     "activation contrast (Chen)": _activation_contrast,
     "attribution patching, harmful -> harmless": _attribution,
+    "probe weights, harmful vs harmless": lambda b: _probe_weights(b, "planted"),
+    "probe weights, planted - original": _probe_contrast,
 }

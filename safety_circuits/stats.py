@@ -41,6 +41,23 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
+def auroc_interval(auroc: float, n_pos: int, n_neg: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Hanley-McNeil (1982) normal interval of an AUROC from ``n_pos`` positives and
+    ``n_neg`` negatives, clipped to [0, 1] (for large sets, where a bootstrap is costly).
+
+    >>> [round(x, 3) for x in auroc_interval(0.8, 300, 90000)]
+    [0.77, 0.83]
+    """
+    if n_pos < 1 or n_neg < 1 or not 0 <= auroc <= 1:
+        raise ValueError(f"need an AUROC in [0, 1] and n_pos, n_neg >= 1, got {auroc}, {n_pos}, {n_neg}")
+    q1, q2 = auroc / (2 - auroc), 2 * auroc**2 / (1 + auroc)
+    var = (auroc * (1 - auroc) + (n_pos - 1) * (q1 - auroc**2) + (n_neg - 1) * (q2 - auroc**2)) / (
+        n_pos * n_neg
+    )
+    half = _z(confidence) * math.sqrt(max(var, 0.0))
+    return max(0.0, auroc - half), min(1.0, auroc + half)
+
+
 @dataclass(frozen=True)
 class Rate:
     """``k`` of ``n`` prompts, the share ``k / n`` and its Wilson interval ``[lo, hi]``."""

@@ -320,7 +320,8 @@ class TuneConfig:
 
 @dataclass
 class TuneResult:
-    """The tuned model (a new :class:`Subject`), what was trained, and a record of the run."""
+    """The tuned model (a new :class:`Subject` unless tuned in place), what was trained, and a
+    record of the run."""
 
     subject: Subject
     neurons: NeuronSet | None
@@ -363,7 +364,8 @@ def tune(
     **overrides: Any,
 ) -> TuneResult:
     """Train ``subject``'s HF model on ``documents``: only ``neurons``' slices, or everything
-    (``mechanism="full"``). Returns a new Subject unless ``inplace``; both TL and HF are updated.
+    (``mechanism="full"``). Returns a new Subject in the model's dtype and on its device, or with
+    ``inplace`` the same Subject, trained, its TL model rebuilt from the new weights at next use.
 
     The loss is the cross-entropy on the response tokens, plus ``retain_kl`` times the mean
     KL(original || tuned) of the next-token distributions at every token of the ``retain``
@@ -423,8 +425,19 @@ def tune(
         bar.close()
     hf.eval()
     seconds = time.perf_counter() - start
-    tuned = load_model(hf, backend=subject.backend, tokenizer=subject.tokenizer, max_ctx=subject.max_ctx)
-    tuned.name = f"{subject.name} (tuned)"
+    if inplace:
+        subject.sync_tl()
+        tuned = subject
+    else:
+        tuned = load_model(
+            hf,
+            backend=subject.backend,
+            device=hf.device,
+            dtype=hf.dtype,
+            tokenizer=subject.tokenizer,
+            max_ctx=subject.max_ctx,
+        )
+        tuned.name = f"{subject.name} (tuned)"
     counts = pd.Series([d.kind for d in documents]).value_counts().to_dict()
     record = {
         "base_model": subject.name,

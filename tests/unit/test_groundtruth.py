@@ -5,6 +5,7 @@ import torch
 
 from safety_circuits import NeuronSet, hf_masks
 from safety_circuits.direction import diff_in_means
+from safety_circuits.evaluate import generate
 from safety_circuits.groundtruth import (
     DETECTORS,
     PlantedModel,
@@ -15,9 +16,11 @@ from safety_circuits.groundtruth import (
     plant_direction,
     plant_neurons,
     recovery,
+    top_neurons,
     weight_change,
 )
 from safety_circuits.neurons import KINDS, kind_size
+from safety_circuits.patching import dynamic_patching
 from safety_circuits.tuning import TuneConfig
 
 HARMFUL = [
@@ -160,3 +163,33 @@ def test_planted_model_round_trip(planted_llama, tmp_path):
         assert torch.allclose(again.subject.hf(ids).logits, planted_llama.subject.hf(ids).logits, atol=1e-5)
     with pytest.raises(FileNotFoundError, match=r"groundtruth\.json"):
         PlantedModel.load(tmp_path, planted_llama.base)
+
+
+def test_top_neurons_are_the_best_scored(make_subject):
+    arch = make_subject("llama").arch
+    rng = np.random.default_rng(1)
+    scores = {kind: torch.tensor(rng.normal(size=(arch.n_layers, kind_size(arch, kind)))) for kind in KINDS}
+    top = top_neurons(scores, arch, 7)
+    flat = np.concatenate([scores[k].numpy().ravel() for k in KINDS])
+    members = np.concatenate([top.masks(KINDS)[k].numpy().ravel() for k in KINDS])
+    assert members.sum() == 7 and set(np.flatnonzero(members)) == set(np.argsort(-flat)[:7])
+    assert recovery(scores, top).precision == 1.0
+
+
+def test_patching_the_planted_input_neurons_reproduces_the_planted_model(make_subject):
+    """Exact guarantee: q, k and v neurons own only the rows that compute their own activations,
+    so the original model with those activations patched in from the planted model runs the
+    planted model's computation, token for token."""
+    subject = make_subject("llama")
+    planted = NeuronSet.random(subject.arch, 16, ["q", "k", "v"], seed=5)
+    model = plant_neurons(subject, planted, HARMFUL, HARMLESS, config=CONFIG, max_new_tokens=6)
+    bench = RecoveryBenchmark(model, HARMFUL, HARMLESS, max_new_tokens=6, patch_prompts=HARMFUL)
+    patched = dynamic_patching(model.base, model.subject, planted, HARMFUL, max_new_tokens=6)
+    assert patched.frame["response"].tolist() == generate(model.subject, HARMFUL, max_new_tokens=6)
+    reference = bench.patching_reference()
+    assert reference["planted neurons patched"] == reference["planted"]
+    result = bench.run({"oracle": DETECTORS["weight change (oracle)"]})
+    assert result.rows[0].asr_patched == reference["planted"]
+    assert result.config["patching"]["prompts"] == len(HARMFUL)
+    with pytest.raises(ValueError, match="patch_prompts"):
+        RecoveryBenchmark(model, HARMFUL, HARMLESS).patched_asr(planted)

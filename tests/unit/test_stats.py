@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from safety_circuits.stats import Rate, mcnemar, paired_bootstrap, separation, wilson_interval
+from safety_circuits.stats import Rate, auroc_interval, mcnemar, paired_bootstrap, separation, wilson_interval
 
 
 @pytest.mark.parametrize(("k", "n"), [(3, 50), (0, 10), (10, 10), (81, 263), (1, 1)])
@@ -72,3 +72,17 @@ def test_separation_against_sklearn():
         separation([1, 1], [0.2, 0.3])
     with pytest.raises(ValueError, match="one value per prompt"):
         separation([1, 0], [0.2])
+
+
+def test_auroc_interval_matches_the_bootstrap():
+    """The Hanley-McNeil interval and the stratified bootstrap agree on a moderate sample."""
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1.0, 1.0, 200), rng.normal(0.0, 1.0, 2000)
+    labels = np.r_[np.ones(200), np.zeros(2000)].astype(int)
+    boot = separation(labels, np.r_[pos, neg], n_boot=1000)
+    lo, hi = auroc_interval(boot.auroc, 200, 2000)
+    assert lo < boot.auroc < hi
+    assert (hi - lo) == pytest.approx(boot.auroc_hi - boot.auroc_lo, rel=0.2)
+    assert auroc_interval(1.0, 5, 5) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="AUROC"):
+        auroc_interval(1.2, 5, 5)

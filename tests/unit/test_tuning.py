@@ -261,3 +261,26 @@ def test_reference_states_are_the_original_hidden_states_and_can_be_shared(make_
         torch.testing.assert_close(shared[name], own[name], atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="reference does not match"):
         sn_tune(subject, neurons, docs[1:], reference=states, **kwargs)
+
+
+def test_tune_keeps_the_dtype_and_inplace_keeps_tl_in_step(tokenizer):
+    """A bf16 model comes back bf16 (it used to come back float32, and the caller's copy was cast
+    too); with ``inplace`` the caller's Subject is trained and its TL model follows the weights."""
+    from safety_circuits.loading import load_model
+    from safety_circuits.testing import tiny_hf
+
+    subject = load_model(tiny_hf("llama", len(tokenizer)), dtype=torch.bfloat16, tokenizer=tokenizer)
+    neurons = some_neurons(subject)
+    result = sn_tune(subject, neurons, DOCS, lr=1e-2, epochs=1, batch_size=2, progress=False)
+    assert result.subject is not subject
+    assert {p.dtype for p in result.subject.hf.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in subject.hf.parameters()} == {torch.bfloat16}
+    assert result.subject.device == subject.device
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    stale = subject.tl(ids)  # built before tuning
+    again = sn_tune(subject, neurons, DOCS, lr=1e-2, epochs=1, batch_size=2, inplace=True, progress=False)
+    assert again.subject is subject
+    fresh = subject.tl(ids)
+    assert not torch.equal(fresh, stale)
+    assert torch.allclose(fresh.float(), subject.hf(ids).logits.float(), atol=0.1)
