@@ -19,8 +19,8 @@
 
 Run: ``.venv/bin/python examples/ground_truth.py`` (about 40 minutes on 2 CPU cores: planting
 7, the neuron detectors 4, patching 10, the direction search 17); ``--reuse`` loads the planted model of a
-former run. Writes ``runs/ground_truth/`` (report.html, recovery.json, planting.csv, the planted
-models).
+former run; ``--seed 1 --out runs/ground_truth_s1 --no-direction`` plants another R. Writes
+``runs/ground_truth/`` (report.html, recovery.json, planting.csv, the planted models).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--planted", type=int, default=300, help="neurons in R (and in D)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="load the planted model saved by a former run")
+    parser.add_argument("--no-direction", action="store_true", help="skip the planted direction (part 3)")
     args = parser.parse_args()
 
     base = sc.load_model(args.model)
@@ -127,14 +128,15 @@ def main() -> None:
     result.save(f"{args.out}/recovery.json")
     print(result.to_frame().to_string(index=False))
 
-    start = time.perf_counter()
-    plant_prompts = data.train_harmful(40, seed=args.seed)
-    direction = plant_direction(base, plant_prompts, harmless, layer=15, seed=args.seed)
-    direction_seconds = time.perf_counter() - start
-    direction.save(f"{args.out}/planted_direction", overwrite=True)
-    found = RecoveryBenchmark(direction, detection, harmless, batch_size=8).run()
-    result.directions = [{**row, "plant_seconds": direction_seconds} for row in found.directions]
-    result.save(f"{args.out}/recovery.json")
+    if not args.no_direction:
+        start = time.perf_counter()
+        plant_prompts = data.train_harmful(40, seed=args.seed)
+        direction = plant_direction(base, plant_prompts, harmless, layer=15, seed=args.seed)
+        direction_seconds = time.perf_counter() - start
+        direction.save(f"{args.out}/planted_direction", overwrite=True)
+        found = RecoveryBenchmark(direction, detection, harmless, batch_size=8).run()
+        result.directions = [{**row, "plant_seconds": direction_seconds} for row in found.directions]
+        result.save(f"{args.out}/recovery.json")
 
     frame = result.to_frame()
     path = write_report(
