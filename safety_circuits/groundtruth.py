@@ -634,7 +634,11 @@ def _activation_contrast(bench: RecoveryBenchmark) -> Scores:
 
 def _probe_weights(bench: RecoveryBenchmark, which: str) -> Scores:
     """|weight| of a logistic probe (L2, ``C = 1``) on every neuron's standardized activation at
-    the last prompt token, harmful vs harmless prompts, on the planted or the original model."""
+    the last prompt token, harmful vs harmless prompts, on the planted or the original model.
+
+    Near chance on SmolLM2 (AUROC 0.54-0.55 against 300 planted neurons, also as the planted
+    minus original contrast): harmful vs harmless is readable from almost every neuron, so the
+    weights say where the information is, not what was changed to act on it."""
     from sklearn.linear_model import LogisticRegression
 
     subject = bench.planted.base if which == "base" else bench.planted.subject

@@ -253,7 +253,11 @@ def probe_neurons(
     progress: bool = True,
 ) -> ProbeResult:
     """The probe on the activations of ``neurons`` only: one row per layer holding some of them,
-    and a last row (``layer`` = ``<NA>``) with all of them together."""
+    and a last row (``layer`` = ``<NA>``) with all of them together.
+
+    A high accuracy says the set *reads* harmfulness, not that it refuses: harmful vs harmless is
+    readable from almost any neuron set, and a probe's weights rank planted refusal neurons near
+    chance (:mod:`safety_circuits.groundtruth`)."""
     check_arch(neurons.arch, subject.arch)
     if not len(neurons):
         raise ValueError("the NeuronSet is empty: nothing to probe")
