@@ -52,7 +52,7 @@ def test_registry_rejects_a_taken_name_and_names_what_is_supported():
         register(Llama())
     config = adapter("llama").tiny_config(400)
     config.model_type = "mamba"
-    with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
+    with pytest.raises(UnsupportedArchitectureError, match="qwen3"):
         family_for(config)
     with pytest.raises(UnsupportedArchitectureError, match="no adapter"):
         adapter("mamba")
