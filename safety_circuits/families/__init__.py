@@ -9,7 +9,7 @@ end-of-turn tokens, and the tiny test config. Adding a family is one new file an
 Example:
     >>> from safety_circuits.families import REGISTRY, family_for
     >>> sorted(REGISTRY)
-    ['gemma2', 'gpt2', 'llama', 'mistral', 'qwen2', 'qwen3']
+    ['gemma2', 'gpt2', 'llama', 'mistral', 'phi3', 'qwen2', 'qwen3']
     >>> family_for(REGISTRY["qwen2"].tiny_config(400)).name
     'qwen2'
 """
@@ -24,6 +24,7 @@ from safety_circuits.families.gemma2 import Gemma2
 from safety_circuits.families.gpt2 import GPT2
 from safety_circuits.families.llama import Llama
 from safety_circuits.families.mistral import Mistral
+from safety_circuits.families.phi3 import Phi3
 from safety_circuits.families.qwen2 import Qwen2
 from safety_circuits.families.qwen3 import Qwen3
 
@@ -40,7 +41,7 @@ def register(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
-for _adapter in (Llama(), Qwen2(), Mistral(), Gemma2(), GPT2(), Qwen3()):
+for _adapter in (Llama(), Qwen2(), Mistral(), Gemma2(), GPT2(), Qwen3(), Phi3()):
     register(_adapter)
 
 
@@ -85,6 +86,7 @@ __all__ = [
     "Gemma2",
     "Llama",
     "Mistral",
+    "Phi3",
     "QKNorm",
     "Qwen2",
     "Qwen3",
