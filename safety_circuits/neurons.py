@@ -95,8 +95,7 @@ class NeuronSet:
     """An immutable set of neurons of one architecture, stored per ``(layer, kind)``.
 
         Example:
-            >>> from safety_circuits.architecture import KINDS, Architecture, Kind, ParamSlice
-    from safety_circuits.families import adapter
+            >>> from safety_circuits.architecture import Architecture
             >>> arch = Architecture(
             ...     family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_head=8, d_model=32, d_mlp=48,
             ...     d_vocab=100, gated_mlp=True, attn_bias=False, mlp_bias=False, tied_embeddings=False)

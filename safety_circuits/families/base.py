@@ -119,7 +119,8 @@ def rope_theta(config: Any) -> float:
 
 class RotaryFamily(FamilyAdapter):
     """Llama-style decoders: rotary attention with grouped-query heads, a gated MLP, RMSNorm, and
-    HF modules under ``model.layers.{i}.self_attn.{q,k,v,o}_proj`` / ``mlp.{gate,up,down}_proj``."""
+    HF modules under ``model.layers.{i}.self_attn.{q,k,v,o}_proj`` / ``mlp.{gate,up,down}_proj``;
+    a sliding window where the config has one (on the layers ``layer_types`` marks, else all)."""
 
     def architecture(self, config: Any) -> Architecture:
         return Architecture(
@@ -153,6 +154,7 @@ class RotaryFamily(FamilyAdapter):
             "rotary_base": rope_theta(config),
             "final_rms": True,
             "gated_mlp": True,
+            **sliding_window_fields(config, arch),
         }
 
     def owned(self, arch: Architecture, layer: int, kind: Kind, idx: Tensor) -> list[ParamSlice]:

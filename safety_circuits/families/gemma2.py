@@ -9,7 +9,7 @@ from torch import Tensor
 from transformers import Gemma2Config
 
 from safety_circuits.architecture import Architecture
-from safety_circuits.families.base import TINY, AttnGeometry, RotaryFamily, sliding_window_fields
+from safety_circuits.families.base import TINY, AttnGeometry, RotaryFamily
 
 
 class Gemma2(RotaryFamily):
@@ -24,7 +24,6 @@ class Gemma2(RotaryFamily):
     ) -> dict[str, Any]:
         return {
             **super().hooked_config(config, arch, common, max_ctx),
-            **sliding_window_fields(config, arch),
             "use_attn_scale": True,
             "attn_scale": float(config.query_pre_attn_scalar) ** 0.5,
             "attn_scores_soft_cap": config.attn_logit_softcapping or -1.0,

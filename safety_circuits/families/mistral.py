@@ -1,4 +1,4 @@
-"""Mistral: Llama-style with an optional sliding window."""
+"""Mistral: Llama-style with an optional sliding window (every layer)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,13 @@ from typing import Any
 from torch import Tensor
 from transformers import MistralConfig
 
-from safety_circuits.architecture import Architecture
-from safety_circuits.families.base import TINY, RotaryFamily, sliding_window_fields
+from safety_circuits.families.base import TINY, RotaryFamily
 
 
 class Mistral(RotaryFamily):
     name = "mistral"
     model_types = ("mistral",)
     tl_architecture = "MistralForCausalLM"
-
-    def hooked_config(
-        self, config: Any, arch: Architecture, common: dict[str, Any], max_ctx: int
-    ) -> dict[str, Any]:
-        return {**super().hooked_config(config, arch, common, max_ctx), **sliding_window_fields(config, arch)}
 
     def convert_weights(self, hf_model: Any, cfg: Any) -> dict[str, Tensor]:
         from transformer_lens.pretrained.weight_conversions import convert_mistral_weights

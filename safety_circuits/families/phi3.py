@@ -9,7 +9,7 @@ from torch import Tensor
 from transformers import Phi3Config
 
 from safety_circuits.architecture import Architecture, Kind, ParamSlice, UnsupportedArchitectureError
-from safety_circuits.families.base import TINY, RotaryFamily, sliding_window_fields
+from safety_circuits.families.base import TINY, RotaryFamily
 
 
 class Phi3(RotaryFamily):
@@ -25,11 +25,6 @@ class Phi3(RotaryFamily):
                 f"Phi-3 with rope {rope} is not supported: TransformerLens rotates every dimension, "
                 "without scaling"
             )
-
-    def hooked_config(
-        self, config: Any, arch: Architecture, common: dict[str, Any], max_ctx: int
-    ) -> dict[str, Any]:
-        return {**super().hooked_config(config, arch, common, max_ctx), **sliding_window_fields(config, arch)}
 
     def convert_weights(self, hf_model: Any, cfg: Any) -> dict[str, Tensor]:
         from transformer_lens.pretrained.weight_conversions import convert_phi3_weights

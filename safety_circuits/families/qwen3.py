@@ -9,7 +9,7 @@ from torch import Tensor
 from transformers import Qwen3Config
 
 from safety_circuits.architecture import Architecture, UnsupportedArchitectureError
-from safety_circuits.families.base import TINY, QKNorm, RotaryFamily, sliding_window_fields
+from safety_circuits.families.base import TINY, QKNorm, RotaryFamily
 
 
 class Qwen3(RotaryFamily):
@@ -25,11 +25,7 @@ class Qwen3(RotaryFamily):
     def hooked_config(
         self, config: Any, arch: Architecture, common: dict[str, Any], max_ctx: int
     ) -> dict[str, Any]:
-        return {
-            **super().hooked_config(config, arch, common, max_ctx),
-            **sliding_window_fields(config, arch),
-            "use_qk_norm": True,
-        }
+        return {**super().hooked_config(config, arch, common, max_ctx), "use_qk_norm": True}
 
     def convert_weights(self, hf_model: Any, cfg: Any) -> dict[str, Tensor]:
         from transformer_lens.pretrained.weight_conversions import convert_qwen3_weights
