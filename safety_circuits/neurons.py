@@ -94,17 +94,17 @@ def check_arch(expected: Architecture, got: Architecture, what: str = "NeuronSet
 class NeuronSet:
     """An immutable set of neurons of one architecture, stored per ``(layer, kind)``.
 
-        Example:
-            >>> from safety_circuits.architecture import Architecture
-            >>> arch = Architecture(
-            ...     family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_head=8, d_model=32, d_mlp=48,
-            ...     d_vocab=100, gated_mlp=True, attn_bias=False, mlp_bias=False, tied_embeddings=False)
-            >>> a = NeuronSet(arch, {(0, "ffn"): [1, 2, 3], (1, "k"): [0]})
-            >>> b = NeuronSet(arch, {(0, "ffn"): [3, 4]})
-            >>> len(a | b), len(a & b), len(a - b), a.overlap(b)
-            (5, 1, 3, 0.5)
-            >>> int(a.counts().loc[0, "ffn"]), a.fraction_of(kinds=["ffn"])
-            (3, 0.03125)
+    Example:
+        >>> from safety_circuits.architecture import Architecture
+        >>> arch = Architecture(
+        ...     family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_head=8, d_model=32, d_mlp=48,
+        ...     d_vocab=100, gated_mlp=True, attn_bias=False, mlp_bias=False, tied_embeddings=False)
+        >>> a = NeuronSet(arch, {(0, "ffn"): [1, 2, 3], (1, "k"): [0]})
+        >>> b = NeuronSet(arch, {(0, "ffn"): [3, 4]})
+        >>> len(a | b), len(a & b), len(a - b), a.overlap(b)
+        (5, 1, 3, 0.5)
+        >>> int(a.counts().loc[0, "ffn"]), a.fraction_of(kinds=["ffn"])
+        (3, 0.03125)
     """
 
     arch: Architecture
