@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from safety_circuits import data, load_model
 from safety_circuits._memory import PeakMemory
 from safety_circuits.activations import batches
-from safety_circuits.importance import _AttnGeometry, ablation_importance, neuron_importance, qk_importance
+from safety_circuits.families import AttnGeometry
+from safety_circuits.importance import ablation_importance, neuron_importance, qk_importance
 from safety_circuits.neurons import KINDS, kind_size, total_neurons
 
 
@@ -84,7 +85,7 @@ def memory_one(length: int, chunk_bytes: int) -> None:
     q, k = torch.randn(length, 9, 64, generator=g), torch.randn(length, 3, 64, generator=g)
     angles = torch.arange(length)[:, None] * 100000.0 ** (-torch.arange(32) / 32)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    geo = _AttnGeometry(scale=64**-0.5, softcap=None, window=None, rotary=True)
+    geo = AttnGeometry(scale=64**-0.5, softcap=None, window=None, rotary=True)
     with PeakMemory(interval=0.001) as memory:
         qk_importance(q, k, geo, (cos, sin), chunk_bytes)
     print(memory.extra_mb)

@@ -1,6 +1,7 @@
 """safety_circuits: find, test and tune the safety neurons and refusal circuits of LLMs."""
 
 from safety_circuits import data, judge, stats
+from safety_circuits.architecture import Architecture, UnsupportedArchitectureError
 from safety_circuits.circuit import RefusalCircuit, map_refusal_circuit
 from safety_circuits.contrast import ContrastScores, alignment_tax, contrast_activations
 from safety_circuits.data import Suite, advbench, harmbench, harmless, suite
@@ -16,7 +17,7 @@ from safety_circuits.evaluate import (
 )
 from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.judge import RefusalClassifier
-from safety_circuits.loading import Architecture, Subject, UnsupportedArchitectureError, load_model
+from safety_circuits.loading import Subject, load_model
 from safety_circuits.monitor import UnsafeOutputDetector, monitor
 from safety_circuits.neurons import (
     KINDS,

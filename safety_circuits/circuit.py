@@ -27,7 +27,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from safety_circuits.activations import activations_at, check_prompts
-from safety_circuits.loading import Architecture
+from safety_circuits.architecture import Architecture
 from safety_circuits.neurons import Kind, NeuronSet, check_arch, hook_name
 from safety_circuits.probing import ProbeResult, probe_layers
 from safety_circuits.tracing import Metric, Mode, Positions, TracingResult, trace_components

@@ -45,8 +45,8 @@ from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import batches, check_prompts
+from safety_circuits.architecture import Architecture
 from safety_circuits.evaluate import decoder_for, greedy_decode, stop_ids
-from safety_circuits.loading import Architecture
 from safety_circuits.neurons import (
     KINDS,
     ArchitectureMismatchError,

@@ -40,8 +40,9 @@ from tqdm.auto import tqdm
 
 from safety_circuits.ablation import mean_kl, next_token_logprobs
 from safety_circuits.activations import activations_at, check_positions, check_prompts, render, tokenize
+from safety_circuits.architecture import Architecture
 from safety_circuits.evaluate import attack_success_rate, over_refusal_rate
-from safety_circuits.loading import Architecture
+from safety_circuits.families import adapter
 from safety_circuits.neurons import HookFn, NeuronSet, ablate, check_arch
 from safety_circuits.tracing import Metric, common_suffix_length, default_metric, last_token_logits
 
@@ -150,27 +151,7 @@ def _untie_embeddings(hf: Any) -> None:
 
 def _residual_writers(hf: Any, arch: Architecture) -> list[tuple[Tensor, int]]:
     """``(parameter, axis of d_model)`` for every parameter that writes to the residual stream."""
-    if arch.family == "gemma2":
-        raise ValueError(
-            "weight orthogonalization is not exact for Gemma-2: each sub-layer's output is normalised "
-            "(post-attention / post-feedforward RMSNorm) before it joins the residual stream, so no "
-            "weight edit removes a direction from it; use directional_ablation_hooks instead"
-        )
-    if arch.family == "gpt2":  # Conv1D weights are [in, out]
-        t = hf.transformer
-        out: list[tuple[Tensor, int]] = [(t.wte.weight, 1), (t.wpe.weight, 1)]
-        for block in t.h:
-            for conv in (block.attn.c_proj, block.mlp.c_proj):
-                out += [(conv.weight, 1), (conv.bias, 0)]
-        return out
-    m = hf.model
-    out = [(m.embed_tokens.weight, 1)]
-    for layer in m.layers:
-        for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            out.append((linear.weight, 0))
-            if linear.bias is not None:
-                out.append((linear.bias, 0))
-    return out
+    return adapter(arch).residual_writers(hf)
 
 
 @torch.no_grad()

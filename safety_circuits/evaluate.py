@@ -19,6 +19,7 @@ from torch import Tensor
 
 from safety_circuits._kv_cache import cache_kwargs, new_cache
 from safety_circuits.activations import batches, prefix_cache, shared_prefix_length
+from safety_circuits.families import end_of_turn_tokens
 
 if TYPE_CHECKING:
     from safety_circuits.data import EvalSplit, Suite
@@ -215,10 +216,11 @@ def decoder_for(subject: Subject, use: Use = "tl") -> Decoder:
 
 
 def stop_ids(subject: Subject) -> list[int]:
-    """Token ids that end a response: EOS and the chat template's end-of-turn token."""
+    """Token ids that end a response: EOS and the chat template's end-of-turn token (any
+    family's: a model may use another family's template, as SmolLM2, a Llama, uses ChatML)."""
     tok = subject.tokenizer
     ids = {tok.eos_token_id}
-    for special in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
+    for special in end_of_turn_tokens():
         tid = tok.convert_tokens_to_ids(special)
         if isinstance(tid, int) and tid != tok.unk_token_id and special in tok.get_vocab():
             ids.add(tid)

@@ -57,6 +57,7 @@ from safety_circuits.contrast import contrast_activations
 from safety_circuits.detect import contrast_scores
 from safety_circuits.direction import _untie_embeddings, diff_in_means, find_refusal_direction
 from safety_circuits.evaluate import attack_success_rate
+from safety_circuits.families import adapter
 from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.loading import load_model
 from safety_circuits.neurons import KINDS, Kind, NeuronSet, _owned, check_arch, hook_name, kind_size
@@ -208,9 +209,7 @@ def plant_neurons(
 # -- planted direction -----------------------------------------------------------------------
 def _write_site(subject: Subject, layer: int) -> tuple[str, int]:
     """The HF weight whose columns (``axis``) map layer ``layer``'s MLP neurons to the residual."""
-    if subject.arch.family == "gpt2":
-        return f"transformer.h.{layer}.mlp.c_proj.weight", 0
-    return f"model.layers.{layer}.mlp.down_proj.weight", 1
+    return adapter(subject.arch).mlp_out(layer)
 
 
 def _diff_last(

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import Positions, batches, check_prompts
-from safety_circuits.loading import Architecture
+from safety_circuits.architecture import Architecture
+from safety_circuits.families import AttnGeometry, QKNorm, adapter
 from safety_circuits.neurons import (
     KINDS,
     Kind,
@@ -57,39 +58,13 @@ _TEMPORARIES = 12  # float32 tensors of a chunk's size alive at once (benchmarks
 
 
 # -- attention geometry read from the model --------------------------------------------------
-@dataclass(frozen=True)
-class _AttnGeometry:
-    """How one layer turns q·k into a pattern: scale, soft cap, window, rotary."""
-
-    scale: float
-    softcap: float | None
-    window: int | None
-    rotary: bool
-
-
-def _geometry(subject: Subject, layer: int) -> _AttnGeometry:
-    cfg = subject.hf.config
-    arch = subject.arch
-    if arch.family == "gpt2":
-        scale = arch.d_head**-0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
-        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
-            scale /= layer + 1
-        return _AttnGeometry(scale, None, None, rotary=False)
-    scale = (cfg.query_pre_attn_scalar if arch.family == "gemma2" else arch.d_head) ** -0.5
-    softcap = getattr(cfg, "attn_logit_softcapping", None) if arch.family == "gemma2" else None
-    window = getattr(cfg, "sliding_window", None)
-    layer_types = getattr(cfg, "layer_types", None)
-    if window and layer_types is not None and layer_types[layer] != "sliding_attention":
-        window = None
-    return _AttnGeometry(scale, softcap, window, rotary=True)
+def _geometry(subject: Subject, layer: int) -> AttnGeometry:
+    return adapter(subject.arch).attention(subject.hf.config, subject.arch, layer)
 
 
 def _rotary(subject: Subject, length: int) -> tuple[Tensor, Tensor]:
     """The model's own rotary ``cos, sin`` for positions ``0..length-1`` ([length, d_head])."""
-    positions = torch.arange(length, device=subject.device)[None]
-    dummy = torch.zeros(1, length, subject.arch.d_head, device=subject.device)
-    cos, sin = subject.hf.model.rotary_emb(dummy, positions)
-    return cos[0].float(), sin[0].float()
+    return adapter(subject.arch).rotary(subject.hf, length)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -109,7 +84,7 @@ def _causal_mask(length: int, window: int | None, device) -> Bool[Tensor, "q k"]
     return allowed
 
 
-def _pattern(scores: Tensor, geo: _AttnGeometry, allowed: Tensor, keys: int = -1) -> Tensor:
+def _pattern(scores: Tensor, geo: AttnGeometry, allowed: Tensor, keys: int = -1) -> Tensor:
     """Soft-cap, mask and softmax scaled scores over the ``keys`` axis."""
     if geo.softcap:
         scores = geo.softcap * torch.tanh(scores / geo.softcap)
@@ -121,7 +96,7 @@ def _pattern_change_sq(
     scores: Float[Tensor, "h r k"],
     pattern: Float[Tensor, "h r k"],
     shifts: Float[Tensor, "h r k c"],
-    geo: _AttnGeometry,
+    geo: AttnGeometry,
     allowed: Bool[Tensor, "r k"],
     rows: Float[Tensor, " r"],
 ) -> Float[Tensor, "h c"]:
@@ -144,6 +119,18 @@ def _pattern_change_sq(
     return torch.einsum("hrkc,r->hc", (perturbed - pattern[..., None]).square(), rows)
 
 
+def _rms_normed(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``weight ⊙ x / rms(x)`` over the last axis, and ``ρ[..., d] = rms(x) / rms(x without d)``."""
+    mean_sq = x.square().mean(-1, keepdim=True) + eps
+    rho = (mean_sq / (mean_sq - x.square() / x.shape[-1])).sqrt()
+    return x / mean_sq.sqrt() * weight.float(), rho
+
+
+def _renormed(shift: Tensor, scores: Tensor, rho: Tensor) -> Tensor:
+    """The scaled-score shift ``(ρ − 1) score + ρ shift`` of a normed head (``shift = −Δ``)."""
+    return shift.mul_(rho).add_(scores[..., None] * (rho - 1))
+
+
 def _chunks(n_heads: int, length: int, d_head: int, chunk_bytes: int) -> tuple[int, int, int]:
     """Heads, query rows and dimensions per chunk so that h·r·l·c float32 temporaries fit."""
     cells = max(1, chunk_bytes // (4 * _TEMPORARIES * length))  # h·r·c
@@ -156,10 +143,11 @@ def _chunks(n_heads: int, length: int, d_head: int, chunk_bytes: int) -> tuple[i
 def qk_importance(
     q: Float[Tensor, "pos n_heads d_head"],
     k: Float[Tensor, "pos n_kv d_head"],
-    geo: _AttnGeometry,
+    geo: AttnGeometry,
     rotary: tuple[Tensor, Tensor] | None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     queries: Float[Tensor, " pos"] | None = None,
+    norm: QKNorm | None = None,
 ) -> tuple[Float[Tensor, "n_heads d_head"], Float[Tensor, "n_kv d_head"]]:
     """Pattern-change importance of every q and k dimension of one layer for one prompt (Eq. 14).
 
@@ -169,11 +157,20 @@ def qk_importance(
     rotary partner of ``d``, ``s_d = ±1``): its share of ``q_rot[i]·k_rot[j]``; ``k`` symmetrically.
     ``queries`` (1 or 0 per position) restricts the sum to some query rows; every earlier key
     still counts. Heads, query rows and dimensions are processed in chunks of at most ``chunk_bytes``.
+
+    With a per-head RMSNorm on q and k (``norm``, as in Qwen3), zeroing ``q[i, d]`` also rescales
+    the rest of the head by ``ρ[i, d] = rms(q[i]) / rms(q[i] without d)``, so the scaled score
+    becomes ``ρ (score − Δ)`` with ``Δ`` taken on the normed ``q``: the shift is
+    ``(ρ − 1) score − ρ Δ``; ``k`` symmetrically, per key.
     """
     length, n_heads, d_head = q.shape
     n_kv = k.shape[1]
     kv_of = torch.arange(n_heads, device=q.device) // (n_heads // n_kv)  # KV head of each query head
     q, k = q.float(), k[:, kv_of].float()  # k per query head: [pos, n_heads, d_head]
+    rho_q = rho_k = None
+    if norm is not None:
+        (q, rho_q), (k, rho_k) = _rms_normed(q, norm.q, norm.eps), _rms_normed(k, norm.k, norm.eps)
+        rho_q, rho_k = rho_q.transpose(0, 1), rho_k.transpose(0, 1)  # [n_heads, pos, d_head]
     arange = torch.arange(d_head, device=q.device)
     if rotary is None:  # no rotation: cos = 1, sin = 0
         cos, sin = q.new_ones(length, d_head), q.new_zeros(length, d_head)
@@ -211,10 +208,14 @@ def qk_importance(
                 dq = torch.addcmul(
                     q_cos[h, r, None, c] * k_rot[h, None, j, c], q_sin[h, r, None, c], k_rot[h, None, j, pc]
                 )
+                if rho_q is not None:
+                    dq = _renormed(dq, scores, rho_q[h, r, None, c])
                 q_sq[h, c] += _pattern_change_sq(scores, pattern, dq, geo, allowed[r, j], queries[r])
                 dk = torch.addcmul(
                     k_cos[h, None, j, c] * q_rot[h, r, None, c], k_sin[h, None, j, c], q_rot[h, r, None, pc]
                 )
+                if rho_k is not None:
+                    dk = _renormed(dk, scores, rho_k[h, None, j, c])
                 k_sq[h, c] += _pattern_change_sq(scores, pattern, dk, geo, allowed[r, j], queries[r])
     k_sq = k_sq.new_zeros(n_kv, d_head).index_add_(0, kv_of, k_sq)
     return q_sq.sqrt(), k_sq.sqrt()
@@ -407,6 +408,7 @@ def neuron_importance(
     w_o = subject.tl.W_O.detach()
     w_out_norm = subject.tl.W_out.detach().float().norm(dim=-1)  # [layer, d_mlp]
     geos = [_geometry(subject, layer) for layer in range(arch.n_layers)]
+    norms = [adapter(arch).qk_norm(subject.hf, layer) for layer in range(arch.n_layers)]
     stash: dict[str, Tensor] = {}
     state: dict[str, Any] = {}
 
@@ -433,7 +435,7 @@ def neuron_importance(
                 q, k = q_all[row, -length:], k_all[row, -length:]
                 rotary = tuple(t[:length] for t in state["rotary"]) if geos[layer].rotary else None
                 q_imp, k_imp = qk_importance(
-                    q, k, geos[layer], rotary, chunk_bytes, queries=mask[row, -length:]
+                    q, k, geos[layer], rotary, chunk_bytes, queries=mask[row, -length:], norm=norms[layer]
                 )
                 if "q" in kinds:
                     scores["q"][prompt_index, layer] = q_imp.flatten().cpu()

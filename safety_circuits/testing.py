@@ -16,18 +16,11 @@ from functools import cache
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    Gemma2Config,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "gpt2")
+from safety_circuits.families import REGISTRY, adapter
+
+FAMILIES = tuple(REGISTRY)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -70,35 +63,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(family: str, vocab_size: int = 400):
-    """A 2-layer config; Llama, Mistral, Gemma2 use grouped-query attention (4 heads, 2 KV heads)."""
-    rope = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
-    if family == "llama":
-        return LlamaConfig(**rope, rope_theta=10000.0)
-    if family == "qwen2":
-        return Qwen2Config(**{**rope, "num_key_value_heads": 4}, rope_theta=10000.0)
-    if family == "mistral":
-        return MistralConfig(**rope, sliding_window=None)
-    if family == "gemma2":
-        return Gemma2Config(
-            **rope,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
-            hidden_activation="gelu_pytorch_tanh",
-        )
-    if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=2048, n_inner=96)
-    raise ValueError(family)
+    """A 2-layer config of ``family`` (its adapter's; grouped-query attention where it has it)."""
+    return adapter(family).tiny_config(vocab_size)
 
 
 def tiny_hf(family: str, vocab_size: int = 400, seed: int = 0):

@@ -53,7 +53,8 @@ from safety_circuits.neurons import KINDS, HookFn, Kind, NeuronSet, check_arch, 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from safety_circuits.loading import Architecture, Subject
+    from safety_circuits.architecture import Architecture
+    from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
 

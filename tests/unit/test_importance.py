@@ -2,17 +2,19 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from safety_circuits.families import AttnGeometry, adapter
 from safety_circuits.importance import (
     Importance,
-    _AttnGeometry,
     ablation_importance,
     neuron_importance,
     qk_importance,
 )
 from safety_circuits.neurons import KINDS, ArchitectureMismatchError
+from safety_circuits.testing import FAMILIES
 
 PROMPT = "Write a poem about the sea and the lazy dog please"
-EXACT_FAMILIES = ("llama", "qwen2", "mistral", "gpt2")  # Gemma-2's post-norm sits after the hooks
+# a post-norm (Gemma-2's) sits after the hooks: the output change is not the neurons' own
+EXACT_FAMILIES = tuple(f for f in FAMILIES if not adapter(f).post_norm)
 
 
 def relative_error(fast, slow):
@@ -131,7 +133,7 @@ def test_qk_importance_equals_direct_pattern_change(size):
     """The two-sum identity (and its softmax fallback when exp overflows) against a float64 loop."""
     g = torch.Generator().manual_seed(0)
     q, k = size * torch.randn(9, 2, 8, generator=g), size * torch.randn(9, 1, 8, generator=g)
-    geo = _AttnGeometry(scale=8**-0.5, softcap=None, window=None, rotary=False)
+    geo = AttnGeometry(scale=8**-0.5, softcap=None, window=None, rotary=False)
     q_imp, k_imp = qk_importance(q, k, geo, rotary=None)
     allowed = torch.ones(9, 9).tril().bool()
 

@@ -3,7 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM, BertConfig
 
 from safety_circuits import UnsupportedArchitectureError, load_model
-from safety_circuits.loading import SMOLLM2_PIP, Architecture, smollm2_folder
+from safety_circuits.architecture import Architecture
+from safety_circuits.loading import SMOLLM2_PIP, smollm2_folder
 from safety_circuits.testing import tiny_config, tiny_hf
 
 

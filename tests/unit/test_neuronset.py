@@ -26,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import safety_circuits._io as io_module
-from safety_circuits.loading import Architecture, Subject
+from safety_circuits.architecture import Architecture
+from safety_circuits.loading import Subject
 from safety_circuits.neurons import (
     KINDS,
     ArchitectureMismatchError,

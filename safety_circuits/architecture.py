@@ -1,0 +1,72 @@
+"""What defines a model's neurons: the :class:`Architecture` record, the neuron kinds, and the
+HF parameter slice a neuron owns (:class:`ParamSlice`).
+
+The record is read from an HF config by the model's family adapter
+(:mod:`safety_circuits.families`); a saved :class:`~safety_circuits.neurons.NeuronSet` carries it
+and fits only a model whose record matches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from torch import Tensor
+
+Kind = Literal["q", "k", "v", "o", "ffn"]
+KINDS: tuple[Kind, ...] = ("q", "k", "v", "o", "ffn")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The HF model is not one of the families whose neurons the toolkit can map exactly."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Shapes that define which neurons a model has (and so which masks fit it)."""
+
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    gated_mlp: bool
+    attn_bias: bool
+    mlp_bias: bool
+    # recorded, but not compared: untying (weight orthogonalization) leaves every neuron in place
+    tied_embeddings: bool = field(compare=False)
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields a saved NeuronSet must match to be applied to this model."""
+        return asdict(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Architecture:
+        return cls(**d)
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> Architecture:
+        """Read the architecture record from an HF ``PretrainedConfig`` (by its family's adapter)."""
+        from safety_circuits.families import family_for
+
+        return family_for(config).architecture(config)
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """Entries ``index`` along ``axis`` of the HF parameter ``param`` (a weight or bias)."""
+
+    param: str
+    axis: int
+    index: Tensor
