@@ -501,6 +501,7 @@ class RecoveryBenchmark:
         self.patch_prompts = None if patch_prompts is None else check_prompts(patch_prompts, "patch_prompts")
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self._cache: dict[str, Importance] = {}
+        self._probes: dict[str, Scores] = {}
 
     def importance(self, which: str) -> Importance:
         """``"planted"`` / ``"base"`` on the harmful prompts, ``"harmless"`` (planted model)."""
@@ -511,6 +512,29 @@ class RecoveryBenchmark:
                 subject, prompts, batch_size=self.batch_size, progress=False
             )
         return self._cache[which]
+
+    def probe_weights(self, which: str) -> Scores:
+        """|weight| of a logistic probe (L2, ``C = 1``) on every neuron's standardized activation
+        at the last prompt token, harmful vs harmless prompts, on the ``"planted"`` or ``"base"``
+        model (computed once and shared, as the importances are).
+
+        Near chance on SmolLM2 (AUROC 0.54-0.56 against 300 planted neurons, also as the planted
+        minus original contrast): harmful vs harmless is readable from almost every neuron, so
+        the weights say where the information is, not what was changed to act on it."""
+        if which not in self._probes:
+            from sklearn.linear_model import LogisticRegression
+
+            subject = self.planted.base if which == "base" else self.planted.subject
+            arch = subject.arch
+            names = [hook_name(layer, kind) for kind in KINDS for layer in range(arch.n_layers)]
+            prompts = [*self.harmful, *self.harmless]
+            acts = activations_at(subject, prompts, names, batch_size=self.batch_size)
+            x = torch.cat([acts[name][:, 0].flatten(1) for name in names], dim=1).double().numpy()
+            x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+            y = np.r_[np.ones(len(self.harmful)), np.zeros(len(self.harmless))]
+            weights = LogisticRegression(C=1.0, max_iter=2000).fit(x, y).coef_[0]
+            self._probes[which] = _unflat(np.abs(weights), arch)
+        return self._probes[which]
 
     def run(self, detectors: Mapping[str, Detector] | None = None) -> RecoveryResult:
         """Each detector against the planted and distractor neurons; for a planted direction,
@@ -631,28 +655,8 @@ def _activation_contrast(bench: RecoveryBenchmark) -> Scores:
     ).scores
 
 
-def _probe_weights(bench: RecoveryBenchmark, which: str) -> Scores:
-    """|weight| of a logistic probe (L2, ``C = 1``) on every neuron's standardized activation at
-    the last prompt token, harmful vs harmless prompts, on the planted or the original model.
-
-    Near chance on SmolLM2 (AUROC 0.54-0.55 against 300 planted neurons, also as the planted
-    minus original contrast): harmful vs harmless is readable from almost every neuron, so the
-    weights say where the information is, not what was changed to act on it."""
-    from sklearn.linear_model import LogisticRegression
-
-    subject = bench.planted.base if which == "base" else bench.planted.subject
-    arch = subject.arch
-    names = [hook_name(layer, kind) for kind in KINDS for layer in range(arch.n_layers)]
-    acts = activations_at(subject, [*bench.harmful, *bench.harmless], names, batch_size=bench.batch_size)
-    x = torch.cat([acts[name][:, 0].flatten(1) for name in names], dim=1).double().numpy()
-    x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
-    y = np.r_[np.ones(len(bench.harmful)), np.zeros(len(bench.harmless))]
-    weights = LogisticRegression(C=1.0, max_iter=2000).fit(x, y).coef_[0]
-    return _unflat(np.abs(weights), arch)
-
-
 def _probe_contrast(bench: RecoveryBenchmark) -> Scores:
-    planted, base = _probe_weights(bench, "planted"), _probe_weights(bench, "base")
+    planted, base = bench.probe_weights("planted"), bench.probe_weights("base")
     return {kind: planted[kind] - base[kind] for kind in KINDS}
 
 
@@ -672,6 +676,6 @@ DETECTORS: dict[str, Detector] = {
     "importance, planted - original": _importance_contrast("planted", "base"),
     "activation contrast (Chen)": _activation_contrast,
     "attribution patching, harmful -> harmless": _attribution,
-    "probe weights, harmful vs harmless": lambda b: _probe_weights(b, "planted"),
+    "probe weights, harmful vs harmless": lambda b: b.probe_weights("planted"),
     "probe weights, planted - original": _probe_contrast,
 }

@@ -176,11 +176,7 @@ class RotaryFamily(FamilyAdapter):
         return out
 
     def attention(self, config: Any, arch: Architecture, layer: int) -> AttnGeometry:
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None)
-        if window and layer_types is not None and layer_types[layer] != "sliding_attention":
-            window = None
-        return AttnGeometry(arch.d_head**-0.5, None, window, rotary=True)
+        return AttnGeometry(arch.d_head**-0.5, None, layer_windows(config, arch)[layer], rotary=True)
 
     def rotary(self, hf: Any, length: int) -> tuple[Tensor, Tensor]:
         positions = torch.arange(length, device=hf.device)[None]
@@ -202,19 +198,24 @@ class RotaryFamily(FamilyAdapter):
         return f"model.layers.{layer}.mlp.down_proj.weight", 1
 
 
+def layer_windows(config: Any, arch: Architecture) -> list[int | None]:
+    """Each layer's sliding window: the config's ``sliding_window`` on the layers ``layer_types``
+    marks ``"sliding_attention"`` (every layer without ``layer_types``), ``None`` elsewhere."""
+    window = getattr(config, "sliding_window", None) or None
+    layer_types = getattr(config, "layer_types", None) or ["sliding_attention"] * arch.n_layers
+    return [window if t == "sliding_attention" else None for t in layer_types]
+
+
 def sliding_window_fields(config: Any, arch: Architecture) -> dict[str, Any]:
-    """TransformerLens' local-attention fields for a config with a sliding window (per layer
-    where ``layer_types`` says so, else every layer)."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or (
-        ["sliding_attention"] * arch.n_layers if window else ["full_attention"] * arch.n_layers
-    )
-    if not window or "sliding_attention" not in layer_types:
+    """TransformerLens' local-attention fields for :func:`layer_windows` (none without a window)."""
+    windows = layer_windows(config, arch)
+    window = next((w for w in windows if w is not None), None)
+    if window is None:
         return {}
     return {
         "use_local_attn": True,
         "window_size": window,
-        "attn_types": ["local" if t == "sliding_attention" else "global" for t in layer_types],
+        "attn_types": ["local" if w is not None else "global" for w in windows],
     }
 
 
@@ -225,6 +226,7 @@ __all__ = [
     "RotaryFamily",
     "UnsupportedArchitectureError",
     "head_dim",
+    "layer_windows",
     "rope_theta",
     "sliding_window_fields",
 ]

@@ -9,7 +9,7 @@ from torch import Tensor
 from transformers import Gemma2Config
 
 from safety_circuits.architecture import Architecture
-from safety_circuits.families.base import TINY, AttnGeometry, RotaryFamily
+from safety_circuits.families.base import TINY, AttnGeometry, RotaryFamily, layer_windows
 
 
 class Gemma2(RotaryFamily):
@@ -37,7 +37,7 @@ class Gemma2(RotaryFamily):
         return convert_gemma_weights(hf_model, cfg)
 
     def attention(self, config: Any, arch: Architecture, layer: int) -> AttnGeometry:
-        window = super().attention(config, arch, layer).window
+        window = layer_windows(config, arch)[layer]
         softcap = getattr(config, "attn_logit_softcapping", None)
         return AttnGeometry(config.query_pre_attn_scalar**-0.5, softcap, window, rotary=True)
 
