@@ -50,7 +50,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--unaligned", default="smollm2-135m-instruct", help="the original model")
     parser.add_argument("--out", default="runs/patching")
     parser.add_argument("--quick", action="store_true", help="fewer prompts, fractions and tokens")
-    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=["hooked", "bridge"],
+        help="default: hooked on TL 3, bridge on TL 4",
+    )
     parser.add_argument(
         "--detector-on",
         default="unaligned",
@@ -156,7 +161,7 @@ def main() -> None:
     (out / "patching_curve.json").write_text(json.dumps(curve.to_dict(), indent=2, default=str))
 
     setup = (
-        f"aligned {aligned.name}, unaligned {unaligned.name} ({args.backend}); contrast on {n_detect} "
+        f"aligned {aligned.name}, unaligned {unaligned.name} ({aligned.backend}); contrast on {n_detect} "
         f"HarmBench val and {n_harmless} harmless train prompts, {new_tokens} new tokens; patching on "
         f"{n_eval} HarmBench test prompts; detector on {args.detector_on}, {n_train} train / {n_train} "
         "held-out prompts."

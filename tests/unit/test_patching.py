@@ -10,6 +10,7 @@ from safety_circuits import NeuronSet, ablate, generate, load_model
 from safety_circuits.activations import batches
 from safety_circuits.contrast import contrast_activations, generation_steps
 from safety_circuits.evaluate import decoder_for, greedy_decode, stop_ids
+from safety_circuits.loading import DEFAULT_BACKEND
 from safety_circuits.neurons import (
     KINDS,
     ArchitectureMismatchError,
@@ -36,7 +37,7 @@ def pairs(make_subject, tokenizer):
     """``pairs(family, backend)``: (target, source): tiny models of one family, seeds 0 and 1."""
     built = {}
 
-    def make(family="llama", backend="hooked"):
+    def make(family="llama", backend=DEFAULT_BACKEND):
         if (family, backend) not in built:
             source = load_model(tiny_hf(family, len(tokenizer), seed=1), backend=backend, tokenizer=tokenizer)
             built[family, backend] = make_subject(family, backend), source
