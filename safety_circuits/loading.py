@@ -45,7 +45,7 @@ BACKENDS: tuple[Backend, ...] = ("hooked", "bridge")
 #: ``TransformerBridge``, so the ``hooked`` backend needs 3.x.
 TL_VERSION = importlib.metadata.version("transformer-lens")
 HAS_HOOKED = int(TL_VERSION.split(".")[0]) < 4
-#: ``hooked`` on TransformerLens 3.x (measured there; ~15% faster on a decoding step), else ``bridge``.
+#: ``hooked`` on TransformerLens 3.x (the backend the README's figures were measured with), else ``bridge``.
 DEFAULT_BACKEND: Backend = "hooked" if HAS_HOOKED else "bridge"
 #: The backends the installed TransformerLens provides.
 AVAILABLE_BACKENDS: tuple[Backend, ...] = BACKENDS if HAS_HOOKED else ("bridge",)

@@ -1,7 +1,8 @@
 """Print how the running environment's packages differ from a lock file's pins.
 
 ``make test-latest`` runs it in the fresh venv of the newest allowed releases, so that a failing
-drift check names what changed (``drift: transformers 5.24.0 -> 5.25.0``).
+drift check names what changed (``drift: transformers 5.24.0 -> 5.25.0``). Exit status 1 when
+anything differs, 0 when the environment is exactly the locks' pins.
 
     python scripts/lock_drift.py requirements.lock requirements-data.lock
 """
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> int:
     for name in added:
         print(f"drift: {name} {have[name]} (not in the lock)")
     print(f"drift: {len(changed)} of {len(pins)} locked packages differ, {len(added)} new")
-    return 0
+    return 1 if changed or added else 0
 
 
 if __name__ == "__main__":

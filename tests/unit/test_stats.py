@@ -2,9 +2,18 @@
 
 import numpy as np
 import pytest
-from scipy.stats import binomtest
+from scipy.stats import binomtest, rankdata
 
-from safety_circuits.stats import Rate, auroc_interval, mcnemar, paired_bootstrap, separation, wilson_interval
+from safety_circuits.stats import (
+    Rate,
+    _bootstrap_auroc,
+    _wins,
+    auroc_interval,
+    mcnemar,
+    paired_bootstrap,
+    separation,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(("k", "n"), [(3, 50), (0, 10), (10, 10), (81, 263), (1, 1)])
@@ -72,6 +81,17 @@ def test_separation_against_sklearn():
         separation([1, 1], [0.2, 0.3])
     with pytest.raises(ValueError, match="one value per prompt"):
         separation([1, 0], [0.2])
+
+
+def test_bootstrap_auroc_equals_ranking_each_resample():
+    """The counts form of the bootstrap gives each resample's rank-based AUROC (ties included)."""
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 6, 40).astype(float), rng.integers(0, 5, 30).astype(float)
+    pos_idx, neg_idx = rng.integers(0, 40, (50, 40)), rng.integers(0, 30, (50, 30))
+    fast = _bootstrap_auroc(_wins(pos, neg), pos_idx, neg_idx)
+    ranks = rankdata(np.concatenate([pos[pos_idx], neg[neg_idx]], axis=1), axis=1)
+    by_ranks = (ranks[:, :40].sum(1) - 40 * 41 / 2) / (40 * 30)
+    np.testing.assert_allclose(fast, by_ranks, rtol=0, atol=1e-12)
 
 
 def test_auroc_interval_matches_the_bootstrap():
