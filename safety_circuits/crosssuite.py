@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -102,6 +102,7 @@ TRAININGS = (
 
 
 # -- feature families --------------------------------------------------------------------------
+@runtime_checkable
 class FeatureFamily(Protocol):
     """Features of every prompt, from the last-token activations at :meth:`hooks`; ``train``
     marks the rows a detector is fitted on (a family may fit itself on them, never on others)."""

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -50,6 +50,7 @@ SITES: dict[Kind, str] = {
 }
 
 
+@runtime_checkable
 class HookFn(Protocol):
     """A TransformerLens forward hook: gets the activation, may return a replacement."""
 

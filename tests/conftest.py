@@ -9,12 +9,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+from shapes import instrument
 
 from safety_circuits import load_model
 from safety_circuits.loading import AVAILABLE_BACKENDS, DEFAULT_BACKEND, HAS_HOOKED, TL_VERSION
 from safety_circuits.testing import FAMILIES, tiny_hf, tiny_tokenizer
 
 BACKENDS = AVAILABLE_BACKENDS
+#: Every jaxtyping-annotated function of the package checks its arrays' shapes in the tests.
+SHAPE_CHECKED = instrument("safety_circuits")
 
 
 def _asks_for_hooked(value: object) -> bool:
