@@ -9,6 +9,7 @@ TL4_STAMP := $(TL4_VENV)/.installed
 LATEST ?= .venv-latest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export NO_MKDOCS_2_WARNING := 1
 
 # requirements.lock: TransformerLens 3.9 (both backends), the demo's and the whole suite's
 # environment; requirements-tl4.lock: TransformerLens 4 (bridge only), the same pins elsewhere.
@@ -43,7 +44,7 @@ $(STAMP): pyproject.toml $(LOCK) $(DATA_LOCK)
 $(TL4_STAMP): pyproject.toml $(TL4_LOCK) $(DATA_LOCK)
 	$(call locked_venv,$(TL4_VENV),$(TL4_LOCK))
 
-.PHONY: install lock test-latest demo evaluate test test-tl4 lint format bench-forward bench-importance bench-tuning bench-patching bench-generation
+.PHONY: install lock test-latest demo evaluate test test-tl4 lint format docs docs-serve bench-forward bench-importance bench-tuning bench-patching bench-generation
 install: $(STAMP)
 
 # Re-resolve the newest releases that pyproject.toml's ranges allow, and pin them with hashes.
@@ -88,6 +89,13 @@ test: lint $(TL4_STAMP)
 
 test-tl4: $(TL4_STAMP)
 	$(TL4_VENV)/bin/python -m pytest -q $(UNIT)
+
+# The documentation site (mkdocs-material + mkdocstrings), built offline into site/.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet
+
+docs-serve: $(STAMP)
+	$(VENV)/bin/mkdocs serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
