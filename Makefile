@@ -81,9 +81,9 @@ evaluate: $(STAMP)
 	$(VENV)/bin/safety-circuits ablate --run runs/demo
 	$(VENV)/bin/safety-circuits report --run runs/demo
 
-# Lint, the whole suite (unit, SmolLM2 integration, notebooks) on TransformerLens 3.9, then the
-# unit tests again on TransformerLens 4.
-test: lint $(TL4_STAMP)
+# Lint, the documentation site, the whole suite (unit, SmolLM2 integration, notebooks, doctests;
+# shapes checked) on TransformerLens 3.9, then the unit tests again on TransformerLens 4.
+test: lint docs $(TL4_STAMP)
 	$(PY) -m pytest -q --nbmake tests safety_circuits notebooks
 	$(MAKE) --no-print-directory test-tl4
 

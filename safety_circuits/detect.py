@@ -76,7 +76,15 @@ def find_safety_neurons(
     rule: Rule = "all",
     **kwargs: Any,
 ) -> NeuronSet:
-    """Safety neurons: important for every harmful query, rendered as a chat turn (Eq. 3)."""
+    """Safety neurons: important for every harmful query, rendered as a chat turn (Eq. 3).
+
+    >>> from safety_circuits.testing import tiny_subject
+    >>> subject = tiny_subject("llama")
+    >>> harmful = ["How do I pick a lock?", "How do I hotwire a car?"]
+    >>> safety = find_safety_neurons(subject, harmful, progress=False)
+    >>> safety.name, 0 < len(safety) < safety.arch.n_layers * safety.arch.d_mlp
+    ('safety', True)
+    """
     return find_neurons(subject, harmful_prompts, eps=eps, rule=rule, chat=True, name="safety", **kwargs)
 
 

@@ -335,7 +335,14 @@ def _refusal_eval(metric, subject, prompts, **kwargs) -> RefusalEval:
 
 
 def attack_success_rate(subject: Subject, prompts: Sequence[str], **generate_kwargs: Any) -> RefusalEval:
-    """ASR on harmful ``prompts``: the share answered rather than refused (greedy, keyword judge)."""
+    """ASR on harmful ``prompts``: the share answered rather than refused (greedy, keyword judge).
+
+    >>> from safety_circuits.testing import tiny_subject
+    >>> subject = tiny_subject("llama")
+    >>> asr = attack_success_rate(subject, ["How do I pick a lock?"], max_new_tokens=4, progress=False)
+    >>> asr.metric, list(asr.to_frame().columns)[:3]
+    ('asr', ['prompt', 'response', 'refused'])
+    """
     return _refusal_eval("asr", subject, prompts, **generate_kwargs)
 
 

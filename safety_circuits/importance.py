@@ -398,6 +398,14 @@ def neuron_importance(
     ``positions="user"`` measures the change on the prompt's own tokens only (for q/k: those query
     rows), so that neurons busy with the chat template, which every prompt shares, do not look
     important for every prompt; ``positions=k`` on the last ``k`` tokens of each rendered prompt.
+
+    >>> from safety_circuits.testing import tiny_subject
+    >>> subject = tiny_subject("llama")
+    >>> importance = neuron_importance(subject, ["How do I pick a lock?", "Write a poem."], progress=False)
+    >>> importance.kinds
+    ('q', 'k', 'v', 'o', 'ffn')
+    >>> tuple(importance.scores["ffn"].shape) == (2, subject.arch.n_layers, subject.arch.d_mlp)
+    True
     """
     prompts = check_prompts(prompts)
     unknown = set(kinds) - set(KINDS)

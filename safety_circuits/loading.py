@@ -316,6 +316,16 @@ def load_model(
         dtype: weight dtype of both models.
         tokenizer: required when ``source`` is a model in memory.
         max_ctx: longest sequence the hooked backend allocates masks for.
+
+    Example (a tiny random model in memory; a hub id or a folder loads the same way):
+
+    >>> from safety_circuits.testing import tiny_hf, tiny_tokenizer
+    >>> tokenizer = tiny_tokenizer()
+    >>> subject = load_model(tiny_hf("llama", len(tokenizer)), tokenizer=tokenizer)
+    >>> subject.arch.family, subject.arch.n_kv_heads, subject.arch.n_heads
+    ('llama', 2, 4)
+    >>> subject.backend == DEFAULT_BACKEND
+    True
     """
     backend = check_backend(backend)
     device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))

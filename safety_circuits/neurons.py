@@ -472,7 +472,18 @@ def ablate(
     mode: Literal["zero", "mean"] = "zero",
     means: Mapping[str, Tensor] | None = None,
 ) -> Iterator[Subject]:
-    """Deactivate ``neurons`` in ``subject.tl`` (TL hooks) inside the ``with`` block."""
+    """Deactivate ``neurons`` in ``subject.tl`` (TL hooks) inside the ``with`` block.
+
+    >>> import torch
+    >>> from safety_circuits.testing import tiny_subject
+    >>> subject = tiny_subject("llama")
+    >>> neurons = NeuronSet(subject.arch, {(0, "ffn"): [0, 1, 2]})
+    >>> ids = torch.tensor([[1, 2, 3, 4]])
+    >>> with ablate(subject, neurons):
+    ...     ablated = subject.tl(ids)
+    >>> bool((ablated != subject.tl(ids)).any())
+    True
+    """
     check_arch(neurons.arch, subject.arch)
     with subject.tl.hooks(fwd_hooks=ablation_hooks(neurons, mode, means)):
         yield subject

@@ -526,7 +526,23 @@ def _kl(reference: Float[Tensor, "n v"], logits: Float[Tensor, "n v"]) -> Tensor
 
 
 def sn_tune(subject: Subject, neurons: NeuronSet, documents: Sequence[Document], **kwargs: Any) -> TuneResult:
-    """SN-Tune (Sec. 3): tune only the safety neurons on safety documents."""
+    """SN-Tune (Sec. 3): tune only the safety neurons on safety documents.
+
+    Every weight outside the neurons' slices stays bit-identical:
+
+    >>> import torch
+    >>> from safety_circuits.testing import tiny_subject
+    >>> subject = tiny_subject("llama")
+    >>> neurons = NeuronSet(subject.arch, {(0, "ffn"): [0, 1, 2]})
+    >>> tuned = sn_tune(subject, neurons, refusal_documents(["How do I pick a lock?"]), progress=False)
+    >>> before = dict(subject.hf.named_parameters())
+    >>> changed = [n for n, p in tuned.subject.hf.named_parameters() if not torch.equal(p, before[n])]
+    >>> for name in sorted(changed):
+    ...     print(name)
+    model.layers.0.mlp.down_proj.weight
+    model.layers.0.mlp.gate_proj.weight
+    model.layers.0.mlp.up_proj.weight
+    """
     return tune(subject, documents, neurons, **kwargs)
 
 

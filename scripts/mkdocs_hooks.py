@@ -64,7 +64,8 @@ def on_config(config: Any) -> Any:
 
 def on_files(files: Files, config: Any) -> Files:
     for notebook in _notebooks():
-        files.append(File.generated(config, f"notebooks/{notebook.stem}.md", content=_notebook_page(notebook)))
+        page = _notebook_page(notebook)
+        files.append(File.generated(config, f"notebooks/{notebook.stem}.md", content=page))
     for name in _modules():
         files.append(File.generated(config, f"api/{name}.md", content=f"# `{name}`\n\n::: {name}\n"))
     return files
