@@ -24,6 +24,7 @@ from safety_circuits.data import capability_questions
 from safety_circuits.evaluate import Use, attack_success_rate, generate, over_refusal_rate
 from safety_circuits.importance import Importance
 from safety_circuits.neurons import NeuronSet, ablate, ablate_hf, check_arch
+from safety_circuits.stats import kl_divergence
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -89,9 +90,9 @@ def next_token_logprobs(
 
 
 def mean_kl(reference: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> float:
-    """Mean over tokens of KL(reference || other) between next-token distributions."""
-    ref, oth = torch.cat(list(reference)), torch.cat(list(other))
-    return float((ref.exp() * (ref - oth)).sum(-1).mean())
+    """Mean over tokens of KL(reference || other) between next-token distributions
+    (:func:`~safety_circuits.stats.kl_divergence` of the prompts' log-probabilities, concatenated)."""
+    return float(kl_divergence(torch.cat(list(reference)), torch.cat(list(other))))
 
 
 def measure(

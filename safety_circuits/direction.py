@@ -44,6 +44,7 @@ from safety_circuits.architecture import Architecture
 from safety_circuits.evaluate import attack_success_rate, over_refusal_rate
 from safety_circuits.families import adapter
 from safety_circuits.neurons import HookFn, NeuronSet, ablate, check_arch
+from safety_circuits.stats import kl_divergence
 from safety_circuits.tracing import Metric, common_suffix_length, default_metric, last_token_logits
 
 if TYPE_CHECKING:
@@ -346,7 +347,7 @@ def find_refusal_direction(
         row["induce"], _ = _mean_score(subject, harmless_val, metric, addition, batch_size, chat)
         if max_kl is not None:
             _, logp = _mean_score(subject, harmless_val, metric, ablation, batch_size, chat)
-            row["kl"] = float((base_logp.exp() * (base_logp - logp)).sum(-1).mean())
+            row["kl"] = float(kl_divergence(base_logp, logp))
     frame = pd.DataFrame(rows)
     best, relaxed = _choose(frame, max_kl)
     if relaxed:

@@ -16,6 +16,8 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float
+from torch import Tensor
 
 
 def _z(confidence: float) -> float:
@@ -249,3 +251,18 @@ def separation(
         n_pos=len(pos),
         n_neg=len(neg),
     )
+
+
+def kl_divergence(reference: Float[Tensor, "n vocab"], other: Float[Tensor, "n vocab"]) -> Float[Tensor, ""]:
+    """Mean over rows of KL(softmax(reference) || softmax(other)), in float32 and differentiable.
+
+    Rows are logits or log-probabilities (each is normalised here): the one KL of the package,
+    for tuning's retain loss, the specificity of a neuron set and a direction's side effects.
+
+    >>> import torch
+    >>> logp = torch.tensor([[0.0, 0.0], [1.0, -1.0]]).log_softmax(-1)
+    >>> float(kl_divergence(logp, logp)), round(float(kl_divergence(logp[:1], logp[1:])), 4)
+    (0.0, 0.4338)
+    """
+    ref = reference.float().log_softmax(-1)
+    return (ref.exp() * (ref - other.float().log_softmax(-1))).sum(-1).mean()

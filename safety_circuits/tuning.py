@@ -45,6 +45,7 @@ from safety_circuits.detect import robust_safety_neurons
 from safety_circuits.evaluate import generate, stop_ids
 from safety_circuits.loading import load_model
 from safety_circuits.neurons import NeuronSet, ParamSlice, check_arch, hf_slices
+from safety_circuits.stats import kl_divergence
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -510,19 +511,13 @@ def tuning_loss(
     if kl_at.any():
         if reference is None or len(reference) != int(kl_at.sum()):
             raise ValueError("retain_kl needs the reference logits at every token of the retain rows")
-        loss = loss + retain_kl * _kl(reference, logits[kl_at[where]])
+        loss = loss + retain_kl * kl_divergence(reference, logits[kl_at[where]])
     return loss
 
 
 def _row_size(model: nn.Module, param: str, axis: int) -> int:
     p = model.get_parameter(param)
     return p.numel() // p.shape[axis]
-
-
-def _kl(reference: Float[Tensor, "n v"], logits: Float[Tensor, "n v"]) -> Tensor:
-    """Mean over rows of KL(softmax(reference) || softmax(logits))."""
-    ref = reference.float().log_softmax(-1)
-    return (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1).mean()
 
 
 def sn_tune(subject: Subject, neurons: NeuronSet, documents: Sequence[Document], **kwargs: Any) -> TuneResult:

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 from safety_circuits import tuning as tuning_module
 from safety_circuits.activations import shared_prefix_length
 from safety_circuits.neurons import NeuronSet, hf_masks
+from safety_circuits.stats import kl_divergence
 from safety_circuits.tuning import (
     Document,
     TuneConfig,
@@ -223,7 +224,7 @@ def test_tuning_loss_and_its_gradient_equal_those_on_full_logits(make_subject, f
         ref = subject.hf(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
     keep = mask[:, 1:].bool() & retain[:, None]
-    kl = tuning_module._kl(ref[keep], logits[keep])
+    kl = kl_divergence(ref[keep], logits[keep])
     assert kl > 1e-4
     expected = ce + 2.0 * kl
     got = tuning_module.tuning_loss(other_hf, input_ids, mask, labels, retain, 2.0, ref[keep])
