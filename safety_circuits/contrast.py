@@ -46,7 +46,7 @@ from torch import Tensor
 from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import batches, check_prompts
 from safety_circuits.architecture import Architecture
-from safety_circuits.evaluate import decoder_for, greedy_decode, stop_ids
+from safety_circuits.evaluate import decoder_for, greedy_decode, response_ids, response_text, stop_ids
 from safety_circuits.neurons import (
     KINDS,
     ArchitectureMismatchError,
@@ -381,7 +381,7 @@ def contrast_activations(
 
     gen = aligned if generator == "aligned" else unaligned
     responses = [""] * len(prompts)
-    stop, pad = stop_ids(gen), gen.tokenizer.pad_token_id
+    stop = stop_ids(gen)
     desc = "activation contrast" if progress else None
     for batch in contrast_batches(gen, prompts, positions, max_new_tokens, batch_size, chat, system, desc):
         selected = batch.selected
@@ -392,9 +392,8 @@ def contrast_activations(
         if stored:
             raise RuntimeError(f"hooks did not fire on the unaligned model: {sorted(stored)[:3]}")
         count += int(selected.sum())
-        for row, i in enumerate(batch.order):
-            tokens = [t for t in batch.new_tokens[row].tolist() if t not in stop and t != pad]
-            responses[i] = gen.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        for i, ids in zip(batch.order, response_ids(gen, batch.new_tokens, stop), strict=True):
+            responses[i] = response_text(gen, ids)
     if count == 0:
         raise ValueError("no tokens were selected: nothing to contrast")
     if all(float(s.abs().max()) == 0 for s in sum_sq.values()):

@@ -227,6 +227,17 @@ def stop_ids(subject: Subject) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def response_ids(subject: Subject, new: Int[Tensor, "batch new"], stop: Sequence[int]) -> list[list[int]]:
+    """Each row of generated ids without its ``stop`` and padding tokens."""
+    drop = {*stop, subject.tokenizer.pad_token_id}
+    return [[t for t in row if t not in drop] for row in new.tolist()]
+
+
+def response_text(subject: Subject, ids: Sequence[int]) -> str:
+    """A response's text: its ids decoded, special tokens skipped, surrounding space stripped."""
+    return subject.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
 @torch.no_grad()
 def greedy_decode(
     decoder: Decoder,
@@ -263,7 +274,7 @@ def generate(
 ) -> list[str]:
     """Greedy responses to ``prompts`` (rendered with the chat template), in input order."""
     ids = generate_ids(subject, prompts, max_new_tokens, batch_size, use, chat, system, progress)
-    return [subject.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+    return [response_text(subject, x) for x in ids]
 
 
 def generate_ids(
@@ -288,8 +299,8 @@ def generate_ids(
         new = greedy_decode(
             decoder_for(subject, use), batch.input_ids, batch.attention_mask, max_new_tokens, stop, pad
         )
-        for row, i in enumerate(batch.order):
-            out[i] = [t for t in new[row].tolist() if t not in stop and t != pad]
+        for i, ids in zip(batch.order, response_ids(subject, new, stop), strict=True):
+            out[i] = ids
     return out
 
 
@@ -301,6 +312,19 @@ class RefusalEval:
     metric: Literal["asr", "over_refusal"]
     frame: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def judged(
+        cls,
+        metric: Literal["asr", "over_refusal"],
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        config: dict[str, Any] | None = None,
+    ) -> RefusalEval:
+        """The responses to ``prompts`` with their refusal flags (:func:`is_refusal`)."""
+        frame = pd.DataFrame({"prompt": list(prompts), "response": list(responses)})
+        frame["refused"] = frame["response"].map(is_refusal)
+        return cls(metric, frame, config=dict(config or {}))
 
     @property
     def rate(self) -> float:
@@ -329,9 +353,9 @@ class RefusalEval:
 
 def _refusal_eval(metric, subject, prompts, **kwargs) -> RefusalEval:
     responses = generate(subject, prompts, **kwargs)
-    frame = pd.DataFrame({"prompt": list(prompts), "response": responses})
-    frame["refused"] = frame["response"].map(is_refusal)
-    return RefusalEval(metric, frame, config={k: v for k, v in kwargs.items() if k != "progress"})
+    return RefusalEval.judged(
+        metric, prompts, responses, {k: v for k, v in kwargs.items() if k != "progress"}
+    )
 
 
 def attack_success_rate(subject: Subject, prompts: Sequence[str], **generate_kwargs: Any) -> RefusalEval:
@@ -513,10 +537,9 @@ def budget_curve(
         raise ValueError(f"budgets must be positive token counts, got {budgets}")
     frame = _suite_prompts(suites, split, n, seed)
     ids = generate_ids(subject, frame["prompt"].tolist(), max_new_tokens=budgets[-1], **generate_kwargs)
-    decode = subject.tokenizer.decode
     curves = []
     for budget in budgets:
-        responses = [decode(x[:budget], skip_special_tokens=True).strip() for x in ids]
+        responses = [response_text(subject, x[:budget]) for x in ids]
         judged = SuiteEval(_judged(frame, responses, judge, model or subject.name))
         curves.append(judged.rates().assign(budget=budget))
     out = pd.concat(curves, ignore_index=True)

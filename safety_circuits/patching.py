@@ -47,7 +47,8 @@ from safety_circuits.evaluate import (
     decoder_for,
     generate,
     greedy_decode,
-    is_refusal,
+    response_ids,
+    response_text,
     stop_ids,
 )
 from safety_circuits.neurons import (
@@ -225,16 +226,6 @@ class PatchedDecoder(Decoder):
         )
 
 
-def _decode(subject: Subject, new: Tensor, stop: Sequence[int]) -> list[str]:
-    pad = subject.tokenizer.pad_token_id
-    return [
-        subject.tokenizer.decode(
-            [t for t in row if t not in stop and t != pad], skip_special_tokens=True
-        ).strip()
-        for row in new.tolist()
-    ]
-
-
 @torch.no_grad()
 def dynamic_patching(
     target: Subject,
@@ -283,16 +274,14 @@ def dynamic_patching(
         with PatchedDecoder(target, source, neurons, patch_prompt=patch_prompt) as decoder:  # type: ignore[arg-type]
             for batch in batches(target, prompts, batch_size, chat=chat, system=system, desc=desc):
                 new = greedy_decode(decoder, batch.input_ids, batch.attention_mask, max_new_tokens, stop, pad)
-                for i, text in zip(batch.order, _decode(target, new, stop), strict=True):
-                    responses[i] = text
+                for i, ids in zip(batch.order, response_ids(target, new, stop), strict=True):
+                    responses[i] = response_text(target, ids)
     else:
         if mode == "mean" and means is None:
             names = sorted({hook_name(layer, kind) for layer, kind in neurons.indices})
             means = mean_activations(source, prompts, names, batch_size=batch_size, chat=chat)  # type: ignore[arg-type]
         with ablate(target, neurons, mode=mode, means=means):  # type: ignore[arg-type]
             responses = generate(target, prompts, progress=progress, **kwargs)
-    frame = pd.DataFrame({"prompt": prompts, "response": responses})
-    frame["refused"] = frame["response"].map(is_refusal)
     config = {
         **kwargs,
         "mode": mode,
@@ -302,7 +291,7 @@ def dynamic_patching(
         "target": target.name,
         "source": None if source is None else source.name,
     }
-    return RefusalEval(metric, frame, config=config)
+    return RefusalEval.judged(metric, prompts, responses, config)
 
 
 # -- safety restored vs fraction of neurons --------------------------------------------------------
@@ -461,10 +450,7 @@ def patching_curve(
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
     base = generate(target, prompts, progress=False, **kwargs)
     ref = generate(source, prompts, progress=False, **kwargs)
-    base_eval = RefusalEval("asr", pd.DataFrame({"prompt": prompts, "response": base}))
-    ref_eval = RefusalEval("asr", pd.DataFrame({"prompt": prompts, "response": ref}))
-    for e in (base_eval, ref_eval):
-        e.frame["refused"] = e.frame["response"].map(is_refusal)
+    base_eval, ref_eval = (RefusalEval.judged("asr", prompts, r) for r in (base, ref))
     asr_target, asr_source = base_eval.rate, ref_eval.rate
     judge_target, judge_source = _judge_mean(judge, base_eval), _judge_mean(judge, ref_eval)
     if asr_target == asr_source:
