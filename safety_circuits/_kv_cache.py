@@ -44,6 +44,14 @@ def new_cache(model: nn.Module) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
+def new_hooked_cache(model: Any, batch: int, device: Any) -> Any:
+    """An empty key-value cache of ``batch`` rows for a ``HookedTransformer`` (TransformerLens 3.x),
+    filled in place by every forward given it as ``past_kv_cache``."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    return TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+
+
 def patch_bridge_kv_cache() -> None:
     """Make ``TransformerBridge``'s attention read the key-value cache HF passes as ``cache``.
 

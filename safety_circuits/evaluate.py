@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from safety_circuits._kv_cache import cache_kwargs, new_cache
+from safety_circuits._kv_cache import cache_kwargs, new_cache, new_hooked_cache
 from safety_circuits.activations import batches, prefix_cache, shared_prefix_length
 from safety_circuits.families import end_of_turn_tokens
 
@@ -133,9 +133,7 @@ class HookedDecoder(Decoder):
         self.model = model
 
     def prefill(self, input_ids: Tensor, mask: Tensor) -> Tensor:
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        self.cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, input_ids.device, len(input_ids))
+        self.cache = new_hooked_cache(self.model, len(input_ids), input_ids.device)
         return self.model(input_ids, attention_mask=mask, past_kv_cache=self.cache)[:, -1]
 
     def step(self, tokens: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from safety_circuits._kv_cache import new_hooked_cache
 from safety_circuits.activations import batches, check_prompts, mean_activations
 from safety_circuits.contrast import ContrastScores, check_pair
 from safety_circuits.evaluate import (
@@ -96,9 +97,7 @@ class _ActivationDecoder(HookedDecoder):
         self.stop_at_layer = stop_at_layer
 
     def prefill(self, input_ids: Tensor, mask: Tensor) -> None:  # type: ignore[override]
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        self.cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, input_ids.device, len(input_ids))
+        self.cache = new_hooked_cache(self.model, len(input_ids), input_ids.device)
         self.model(input_ids, attention_mask=mask, past_kv_cache=self.cache, stop_at_layer=self.stop_at_layer)
 
     def step(self, tokens: Tensor) -> None:  # type: ignore[override]

@@ -46,7 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from safety_circuits._kv_cache import cache_kwargs, new_cache
+from safety_circuits._kv_cache import cache_kwargs, new_cache, new_hooked_cache
 from safety_circuits.activations import Batch, batches, check_prompts, left_pad, render, tokenize
 from safety_circuits.neurons import KINDS, HookFn, Kind, NeuronSet, check_arch, hook_name
 
@@ -359,9 +359,7 @@ class _TargetRuns:
             return
         tl, ids, mask = subject.tl, self.ids, self.mask
         if subject.backend == "hooked":
-            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-            self.cache = TransformerLensKeyValueCache.init_cache(tl.cfg, ids.device, len(ids))
+            self.cache = new_hooked_cache(tl, len(ids), ids.device)
             tl(ids[:, :-k], attention_mask=mask[:, :-k], past_kv_cache=self.cache, return_type=None)
             self.cache.freeze()
         else:
