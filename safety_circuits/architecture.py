@@ -8,6 +8,7 @@ and fits only a model whose record matches.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -44,6 +45,16 @@ class Architecture:
         """Query heads per KV head (grouped-query attention)."""
         return self.n_heads // self.n_kv_heads
 
+    def check_layers(self, layers: Iterable[int] | None = None) -> list[int]:
+        """``layers`` as a list (every layer for ``None``); an error names those the model lacks."""
+        layers = list(range(self.n_layers)) if layers is None else [int(layer) for layer in layers]
+        if not layers:
+            raise ValueError("give at least one layer")
+        bad = [layer for layer in layers if not 0 <= layer < self.n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for {self.n_layers} layers")
+        return layers
+
     def fingerprint(self) -> dict[str, Any]:
         """The fields a saved NeuronSet must match to be applied to this model."""
         return asdict(self)
@@ -61,6 +72,21 @@ class Architecture:
         from safety_circuits.families import family_for
 
         return family_for(config).architecture(config)
+
+
+def check_kinds(kinds: Sequence[str] | str) -> tuple[Kind, ...]:
+    """Neuron kinds (one, or a sequence) as a tuple in canonical order; rejects unknown or no kinds.
+
+    >>> check_kinds(["ffn", "q"]), check_kinds("o")
+    (('q', 'ffn'), ('o',))
+    """
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown neuron kinds {bad}; kinds are {KINDS}")
+    if not kinds:
+        raise ValueError("give at least one neuron kind")
+    return tuple(k for k in KINDS if k in kinds)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import batches, check_prompts
-from safety_circuits.architecture import Architecture
+from safety_circuits.architecture import Architecture, check_kinds
 from safety_circuits.evaluate import decoder_for, greedy_decode, response_ids, response_text, stop_ids
 from safety_circuits.neurons import (
     KINDS,
@@ -90,18 +90,6 @@ def check_pair(first: Subject, second: Subject, what: str = "models") -> None:
             f"the {what} {first.name!r} and {second.name!r} have different tokenizers: they must read the "
             "same tokens"
         )
-
-
-def check_kinds(kinds: Sequence[Kind]) -> tuple[Kind, ...]:
-    """Kinds as a tuple in canonical order; rejects unknown or empty kinds."""
-    if isinstance(kinds, str):
-        kinds = (kinds,)  # type: ignore[assignment]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"unknown neuron kinds {bad}; kinds are {KINDS}")
-    if not kinds:
-        raise ValueError("give at least one neuron kind")
-    return tuple(k for k in KINDS if k in kinds)
 
 
 def flat_neurons(act: Float[Tensor, "... site"], kind: Kind) -> Float[Tensor, "... neuron"]:

@@ -57,16 +57,6 @@ def _resid_pre(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre"
 
 
-def _check_layers(subject: Subject, layers: Sequence[int] | None) -> list[int]:
-    layers = list(range(subject.arch.n_layers)) if layers is None else [int(layer) for layer in layers]
-    if not layers:
-        raise ValueError("give at least one layer")
-    bad = [layer for layer in layers if not 0 <= layer < subject.arch.n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for {subject.arch.n_layers} layers")
-    return layers
-
-
 def suffix_positions(subject: Subject, prompts: Sequence[str], chat: bool = True) -> list[int]:
     """Positions (from the end) of the tokens every rendered prompt ends with, e.g. the chat
     template's assistant header; ``[-1]`` when they share none."""
@@ -91,7 +81,7 @@ def diff_in_means(
     """
     harmful, harmless = check_prompts(harmful, "harmful"), check_prompts(harmless, "harmless")
     positions = check_positions(positions or suffix_positions(subject, harmful + harmless, chat))
-    layers = _check_layers(subject, layers)
+    layers = subject.arch.check_layers(layers)
     names = [_resid_pre(layer) for layer in layers]
     kwargs = {"positions": positions, "batch_size": batch_size, "chat": chat}
     a = activations_at(subject, harmful, names, desc="directions (harmful)" if progress else None, **kwargs)
@@ -325,7 +315,7 @@ def find_refusal_direction(
     harmless_val = check_prompts(harmless_val if harmless_val is not None else harmless, "harmless_val")
     n_layers = subject.arch.n_layers
     positions = check_positions(positions or suffix_positions(subject, harmful + harmless, chat))
-    layers = _check_layers(subject, layers)
+    layers = subject.arch.check_layers(layers)
     metric = default_metric(subject, metric)
     means = diff_in_means(subject, harmful, harmless, positions, layers, batch_size, chat, progress)
     base_harmful, _ = _mean_score(subject, harmful_val, metric, [], batch_size, chat)

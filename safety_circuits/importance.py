@@ -36,7 +36,7 @@ from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import Positions, batches, check_prompts
-from safety_circuits.architecture import Architecture
+from safety_circuits.architecture import Architecture, check_kinds
 from safety_circuits.families import AttnGeometry, QKNorm, adapter
 from safety_circuits.neurons import (
     KINDS,
@@ -376,9 +376,7 @@ class Importance:
 
 
 def _kind(name: str) -> Kind:
-    if name not in KINDS:
-        raise ValueError(f"unknown neuron kind {name!r}")
-    return name  # type: ignore[return-value]
+    return check_kinds(name)[0]
 
 
 # -- the public entry points -----------------------------------------------------------------
@@ -408,9 +406,7 @@ def neuron_importance(
     True
     """
     prompts = check_prompts(prompts)
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown neuron kinds {sorted(unknown)}; kinds are {KINDS}")
+    kinds = check_kinds(kinds)
     arch = subject.arch
     scores = {k: torch.zeros(len(prompts), arch.n_layers, kind_size(arch, k)) for k in kinds}
     w_o = subject.tl.W_O.detach()

@@ -221,10 +221,7 @@ def probe_layers(
     progress: bool = True,
 ) -> ProbeResult:
     """Cross-validated linear probe (harmful = 1, harmless = 0) on ``site`` at every layer."""
-    layers = list(range(subject.arch.n_layers)) if layers is None else list(layers)
-    bad = [layer for layer in layers if not 0 <= layer < subject.arch.n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for {subject.arch.n_layers} layers")
+    layers = subject.arch.check_layers(layers)
     names = [site_hook(site, layer) for layer in layers]
     acts = _both(subject, harmful, harmless, names, position, batch_size, chat, progress)
     y = _labels(harmful, harmless)

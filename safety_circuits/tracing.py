@@ -213,11 +213,8 @@ def component_sites(
     unknown = set(components) - {"resid", "attn", "mlp"}
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; use 'resid', 'attn', 'mlp' (and heads=True)")
-    layers = range(arch.n_layers) if layers is None else layers
     sites = []
-    for layer in layers:
-        if not 0 <= layer < arch.n_layers:
-            raise ValueError(f"layer {layer} out of range for {arch.n_layers} layers")
+    for layer in arch.check_layers(layers):
         sites += [PatchSite(layer, c, COMPONENT_HOOKS[c].format(layer=layer)) for c in components]
         if heads:
             hook = COMPONENT_HOOKS["head"].format(layer=layer)
