@@ -1,5 +1,5 @@
-"""Atomic writes (a file or folder appears whole at its final path, or not at all), and
-safetensors files with a JSON header (no pickles)."""
+"""Atomic writes (a file or folder appears whole at its final path, or not at all),
+safetensors files with a JSON header (no pickles), and the dict form of config dataclasses."""
 
 from __future__ import annotations
 
@@ -7,16 +7,39 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 FORMAT_VERSION = 1
+_R = TypeVar("_R", bound="Record")
+
+
+class Record:
+    """``to_dict`` / ``from_dict`` of a dataclass of JSON-ready fields (a config, a recipe).
+
+    ``from_dict`` names the keys the class does not have (a corrupted or foreign file), unless
+    the class sets ``ignore_unknown`` (it then reads its own keys from a larger record).
+    """
+
+    ignore_unknown: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_R], d: Mapping[str, Any]) -> _R:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - known
+        if unknown and not cls.ignore_unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def _umask() -> int:

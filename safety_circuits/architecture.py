@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from safety_circuits._io import Record
+
 Kind = Literal["q", "k", "v", "o", "ffn"]
 KINDS: tuple[Kind, ...] = ("q", "k", "v", "o", "ffn")
 
@@ -23,7 +25,7 @@ class UnsupportedArchitectureError(ValueError):
 
 
 @dataclass(frozen=True)
-class Architecture:
+class Architecture(Record):
     """Shapes that define which neurons a model has (and so which masks fit it)."""
 
     family: str
@@ -58,13 +60,6 @@ class Architecture:
     def fingerprint(self) -> dict[str, Any]:
         """The fields a saved NeuronSet must match to be applied to this model."""
         return asdict(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Architecture:
-        return cls(**d)
 
     @classmethod
     def from_hf_config(cls, config: Any) -> Architecture:

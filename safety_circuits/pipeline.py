@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from typing import Any
 import pandas as pd
 
 from safety_circuits import ablation, data, plots
-from safety_circuits._io import atomic_file
+from safety_circuits._io import Record, atomic_file
 from safety_circuits.activations import Positions, check_scope
 from safety_circuits.contrast import contrast_activations
 from safety_circuits.crosssuite import (
@@ -99,7 +99,7 @@ EVAL_BATCH = (
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Record):
     """Everything a run depends on (saved as ``config.json``)."""
 
     model: str = SMOLLM2
@@ -154,17 +154,6 @@ class RunConfig:
             raise ValueError(f"quantile must be in (0, 1), got {self.quantile}")
         if self.control_seeds < 1 or self.eval_per_suite < 0:
             raise ValueError("control_seeds must be >= 1 and eval_per_suite >= 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown run config keys {sorted(unknown)}")
-        return cls(**d)
 
     def with_recipe(self, recipe: Recipe) -> RunConfig:
         """This config with a searched recipe's settings (:mod:`safety_circuits.search`)."""

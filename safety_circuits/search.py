@@ -22,10 +22,10 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import optuna
 import pandas as pd
@@ -34,6 +34,7 @@ import plotly.graph_objects as go
 from torch import Tensor
 
 from safety_circuits import data
+from safety_circuits._io import Record
 from safety_circuits.ablation import mean_kl, next_token_logprobs
 from safety_circuits.detect import contrastive_neurons, scored_neurons
 from safety_circuits.evaluate import evaluate_suites
@@ -71,8 +72,10 @@ VALIDATION_SUITES = (
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(Record):
     """What a trial sets: which neurons (``rule`` at ``quantile``) and how they are tuned."""
+
+    ignore_unknown: ClassVar[bool] = True  # read from a trial's row or a run config
 
     rule: NeuronRule = "safety"
     quantile: float = 0.98
@@ -89,14 +92,6 @@ class Recipe:
             raise ValueError(f"invalid recipe {self}")
         if self.train_harmful < 0 or self.retain_alarming < 0:
             raise ValueError(f"train_harmful and retain_alarming must be >= 0 in {self}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ import numpy as np
 from jaxtyping import Float
 from torch import Tensor
 
+from safety_circuits._io import Record
+
 
 def _z(confidence: float) -> float:
     if not 0 < confidence < 1:
@@ -158,7 +160,7 @@ def paired_bootstrap(
 
 
 @dataclass(frozen=True)
-class Separation:
+class Separation(Record):
     """How well scores separate positives (label 1) from negatives: AUROC and the false-positive
     rate at a true-positive rate of ``tpr``, each with a stratified percentile-bootstrap interval."""
 
@@ -171,9 +173,6 @@ class Separation:
     fpr_hi: float
     n_pos: int
     n_neg: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def __str__(self) -> str:
         return f"AUROC {self.auroc:.2f} [{self.auroc_lo:.2f}, {self.auroc_hi:.2f}]"

@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,7 +38,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from safety_circuits._io import atomic_folder
+from safety_circuits._io import Record, atomic_folder
 from safety_circuits._memory import PeakMemory
 from safety_circuits.activations import check_prompts, hidden_states, lm_head, logits_at
 from safety_circuits.detect import robust_safety_neurons
@@ -288,7 +288,7 @@ def _trainable(
 
 # -- config and result -----------------------------------------------------------------------
 @dataclass
-class TuneConfig:
+class TuneConfig(Record):
     """Hyper-parameters of one tuning run (AdamW, constant learning rate, no weight decay)."""
 
     lr: float = 2e-4
@@ -310,13 +310,6 @@ class TuneConfig:
             or self.retain_kl < 0
         ):
             raise ValueError(f"invalid tuning config {self}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TuneConfig:
-        return cls(**d)
 
 
 @dataclass

@@ -117,7 +117,7 @@ def test_stages_one_at_a_time_and_clear_errors(model_dir, tmp_path, capsys):
 def test_bad_config():
     with pytest.raises(ValueError, match="positions"):
         RunConfig(positions="assistant")
-    with pytest.raises(ValueError, match="unknown run config keys"):
+    with pytest.raises(ValueError, match="unknown RunConfig keys"):
         RunConfig.from_dict({"lr": 1e-3, "learning_rate": 1})
     assert RunConfig.from_dict(RunConfig(lr=1e-3).to_dict()) == RunConfig(lr=1e-3)
 
