@@ -13,12 +13,34 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import pandas as pd
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 FORMAT_VERSION = 1
 _R = TypeVar("_R", bound="Record")
+_T = TypeVar("_T", bound="TableResult")
+
+
+class TableResult:
+    """A result held as one table, ``frame``, beside other fields (``config``, a threshold).
+
+    ``to_frame`` gives a copy of the table; ``to_dict`` the other fields and the table's rows,
+    which ``from_dict`` reads back (a class whose table needs its dtypes restored overrides both).
+    """
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame.copy()  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        others = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "frame"}  # type: ignore[arg-type]
+        return {**others, "rows": self.frame.to_dict("records")}  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_dict(cls: type[_T], d: Mapping[str, Any]) -> _T:
+        others = {f.name: d[f.name] for f in fields(cls) if f.name != "frame" and f.name in d}  # type: ignore[arg-type]
+        return cls(frame=pd.DataFrame(d["rows"]), **others)
 
 
 class Record:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from safety_circuits._io import TableResult
 from safety_circuits.activations import batches, hidden_states, lm_head, to_right_padding
 from safety_circuits.data import capability_questions
 from safety_circuits.evaluate import Use, attack_success_rate, generate, over_refusal_rate
@@ -43,7 +44,7 @@ def is_correct(response: str, answers: Sequence[str]) -> bool:
 
 
 @dataclass
-class CapabilityEval:
+class CapabilityEval(TableResult):
     """Per-question responses and correctness; ``accuracy`` is the exact-match rate."""
 
     frame: pd.DataFrame
@@ -51,9 +52,6 @@ class CapabilityEval:
     @property
     def accuracy(self) -> float:
         return float(self.frame["correct"].mean())
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
 
 
 def capability_accuracy(

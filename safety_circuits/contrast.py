@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from safety_circuits._io import load_tensors, save_tensors
+from safety_circuits._io import TableResult, load_tensors, save_tensors
 from safety_circuits.activations import batches, check_prompts
 from safety_circuits.architecture import Architecture, check_kinds
 from safety_circuits.evaluate import decoder_for, greedy_decode, response_ids, response_text, stop_ids
@@ -410,7 +410,7 @@ def contrast_activations(
 
 # -- alignment tax -----------------------------------------------------------------------------
 @dataclass
-class AlignmentTax:
+class AlignmentTax(TableResult):
     """Safety neurons (contrast on harmful prompts) vs helpfulness neurons (on harmless prompts).
 
     ``frame``: one row per neuron of either set (``set`` is ``safety``, ``helpfulness`` or
@@ -427,9 +427,6 @@ class AlignmentTax:
     @property
     def shared(self) -> NeuronSet:
         return self.safety & self.helpfulness
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
 
     def summary_frame(self) -> pd.DataFrame:
         return pd.DataFrame([self.summary])

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from safety_circuits import data
-from safety_circuits._io import load_tensors, save_tensors
+from safety_circuits._io import TableResult, load_tensors, save_tensors
 from safety_circuits.activations import activations_at, check_prompts, fits_context
 from safety_circuits.neurons import NeuronSet, check_arch
 from safety_circuits.probing import cross_validate, site_hook
@@ -319,15 +319,12 @@ class TextDetector:
 
 # -- the evaluation ----------------------------------------------------------------------------
 @dataclass
-class CrossSuiteResult:
+class CrossSuiteResult(TableResult):
     """One row per feature family, training, harmful test suite and harmless test suite: whether
     the harmful suite was trained on (``in_suite``), AUROC and FPR at 95% TPR with intervals."""
 
     frame: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
 
     def table(self, negatives: str = "alarming", value: str = "auroc") -> pd.DataFrame:
         """``value`` (``auroc`` or ``fpr``) with its interval, one row per features and training,

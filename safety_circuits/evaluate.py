@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from safety_circuits._io import TableResult
 from safety_circuits._kv_cache import cache_kwargs, new_cache, new_hooked_cache
 from safety_circuits.activations import batches, prefix_cache, shared_prefix_length
 from safety_circuits.families import end_of_turn_tokens
@@ -304,7 +305,7 @@ def generate_ids(
 
 # -- refusal rates ---------------------------------------------------------------------------
 @dataclass
-class RefusalEval:
+class RefusalEval(TableResult):
     """Per-prompt responses and refusal flags; ``rate`` is ASR or over-refusal."""
 
     metric: Literal["asr", "over_refusal"]
@@ -330,20 +331,8 @@ class RefusalEval:
         refused = self.frame["refused"]
         return float((~refused).mean() if self.metric == "asr" else refused.mean())
 
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
-
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "rate": self.rate,
-            "config": self.config,
-            "rows": self.frame.to_dict("records"),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RefusalEval:
-        return cls(metric=d["metric"], frame=pd.DataFrame(d["rows"]), config=d.get("config", {}))
+        return {**super().to_dict(), "rate": self.rate}
 
     def __repr__(self) -> str:
         return f"RefusalEval({self.metric}={self.rate:.3f} on {len(self.frame)} prompts)"
@@ -380,7 +369,7 @@ METRIC = {"harmful": "asr", "harmless": "over_refusal"}
 
 
 @dataclass
-class SuiteEval:
+class SuiteEval(TableResult):
     """Models' judged responses on held-out suites, one row per model and prompt.
 
     Columns: ``model, suite, kind, metric, group, split, prompt, response, refused, flagged``,
@@ -424,9 +413,6 @@ class SuiteEval:
     @property
     def models(self) -> list[str]:
         return list(dict.fromkeys(self.frame["model"]))
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
 
     @classmethod
     def concat(cls, evals: Sequence[SuiteEval]) -> SuiteEval:

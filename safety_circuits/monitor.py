@@ -31,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor
 
-from safety_circuits._io import load_tensors, save_tensors
+from safety_circuits._io import TableResult, load_tensors, save_tensors
 from safety_circuits.activations import activations_at, check_prompts
 from safety_circuits.architecture import Architecture
 from safety_circuits.evaluate import generate, is_refusal
@@ -123,7 +123,7 @@ def threshold_for_fpr(safe_scores: Sequence[float] | np.ndarray, fpr: float) -> 
 
 # -- evaluation ------------------------------------------------------------------------------------
 @dataclass
-class DetectorEval:
+class DetectorEval(TableResult):
     """Held-out predictions: ``frame`` (prompt, label, proba, predicted), AUROC and accuracy."""
 
     frame: pd.DataFrame
@@ -138,9 +138,6 @@ class DetectorEval:
     def accuracy(self) -> float:
         return float((self.frame["predicted"] == self.frame["label"]).mean())
 
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
-
     def summary(self) -> dict[str, float]:
         return {
             "auroc": self.auroc,
@@ -149,13 +146,6 @@ class DetectorEval:
             "unsafe_share": float(self.frame["label"].mean()),
             "threshold": self.threshold,
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "config": self.config, "rows": self.frame.to_dict("records")}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DetectorEval:
-        return cls(pd.DataFrame(d["rows"]), d["threshold"], d.get("config", {}))
 
     def plot(self, title: str | None = None) -> go.Figure:
         """ROC curve with the chance diagonal."""

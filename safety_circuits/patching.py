@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from safety_circuits._io import TableResult
 from safety_circuits._kv_cache import new_hooked_cache
 from safety_circuits.activations import batches, check_prompts, mean_activations
 from safety_circuits.contrast import ContrastScores, check_pair
@@ -308,7 +309,7 @@ def restored(value: float, unpatched: float, reference: float) -> float:
 
 
 @dataclass
-class PatchingCurve:
+class PatchingCurve(TableResult):
     """Safety restored by patching the top-scoring neurons, against the fraction patched.
 
     ``frame``: one row per (method, fraction): ``method`` is ``dynamic`` (top neurons from the
@@ -326,9 +327,6 @@ class PatchingCurve:
     judge_target: float | None = None
     judge_source: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
 
     def fraction_for(self, level: float = 0.9, method: str = "dynamic", column: str = "restored") -> float:
         """Smallest fraction of neurons at which ``column`` reaches ``level`` (linear

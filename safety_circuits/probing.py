@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from safety_circuits._io import TableResult
 from safety_circuits.activations import activations_at, check_prompts
 from safety_circuits.neurons import NeuronSet, check_arch, hook_name
 
@@ -111,7 +112,7 @@ def cross_validate(
 
 
 @dataclass
-class ProbeResult:
+class ProbeResult(TableResult):
     """Cross-validated probe accuracy per layer (one row per probe).
 
     ``frame`` columns: ``layer`` (``<NA>`` for a probe over all layers' neurons at once),
@@ -121,9 +122,6 @@ class ProbeResult:
 
     frame: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
 
     @property
     def per_layer(self) -> pd.DataFrame:

@@ -34,7 +34,7 @@ import plotly.graph_objects as go
 from torch import Tensor
 
 from safety_circuits import data
-from safety_circuits._io import Record
+from safety_circuits._io import Record, TableResult
 from safety_circuits.ablation import mean_kl, next_token_logprobs
 from safety_circuits.detect import contrastive_neurons, scored_neurons
 from safety_circuits.evaluate import evaluate_suites
@@ -124,14 +124,11 @@ class SearchSpace:
 
 
 @dataclass
-class SearchResult:
+class SearchResult(TableResult):
     """The complete trials of a study: one row each with the recipe, the three validation
     objectives, the number of neurons tuned, the tuning run's seconds and the trial's."""
 
     frame: pd.DataFrame
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
 
     def pareto(self) -> pd.DataFrame:
         """The trials no other trial beats on every objective (lower is better)."""

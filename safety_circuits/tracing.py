@@ -46,6 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safety_circuits._io import TableResult
 from safety_circuits._kv_cache import cache_kwargs, new_cache, new_hooked_cache
 from safety_circuits.activations import Batch, batches, check_prompts, left_pad, render, tokenize
 from safety_circuits.neurons import KINDS, HookFn, Kind, NeuronSet, check_arch, hook_name
@@ -562,7 +563,7 @@ def neuron_attribution(
 
 # -- results ---------------------------------------------------------------------------------
 @dataclass
-class TracingResult:
+class TracingResult(TableResult):
     """Patching effects per site.
 
     ``frame``: one row per site with ``layer``, ``component`` (``resid``/``attn``/``mlp``, ``head``,
@@ -582,9 +583,6 @@ class TracingResult:
         """Mean source − target metric (the denominator of ``normalized``)."""
         sign = 1.0 if self.config.get("mode", "noising") == "noising" else -1.0
         return sign * float(np.mean(self.corrupted) - np.mean(self.clean))
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
 
     def top(self, n: int = 10, value: str = "normalized", component: str | None = None) -> pd.DataFrame:
         """The ``n`` sites with the largest ``|value|``."""

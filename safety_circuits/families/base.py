@@ -36,17 +36,22 @@ class FamilyAdapter:
 
     One instance per family, registered in :data:`safety_circuits.families.REGISTRY`; nothing
     outside the adapters branches on the family. ``model_types`` are the HF ``model_type``
-    values it maps; ``tl_architecture`` is TransformerLens' name for its weight converter;
-    ``end_of_turn`` lists the chat template's end-of-turn tokens that end a response.
+    values it maps (its ``name`` and any ``aliases``); ``tl_architecture`` is TransformerLens'
+    name for its weight converter; ``end_of_turn`` lists the chat template's end-of-turn tokens
+    that end a response.
     """
 
     name: ClassVar[str]
-    model_types: ClassVar[tuple[str, ...]]
+    aliases: ClassVar[tuple[str, ...]] = ()
     tl_architecture: ClassVar[str]
     end_of_turn: ClassVar[tuple[str, ...]] = ()
     #: whether each sub-layer's output is normalised before it joins the residual stream (then
     #: no weight edit removes a direction, and the hooks sit before that norm)
     post_norm: ClassVar[bool] = False
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
 
     def check(self, config: Any) -> None:
         """Raise :class:`UnsupportedArchitectureError` for variants whose neurons do not map exactly."""

@@ -14,7 +14,6 @@ from safety_circuits.families.base import TINY, AttnGeometry, RotaryFamily, laye
 
 class Gemma2(RotaryFamily):
     name = "gemma2"
-    model_types = ("gemma2",)
     tl_architecture = "Gemma2ForCausalLM"
     end_of_turn = ("<end_of_turn>",)
     post_norm = True

@@ -14,7 +14,6 @@ from safety_circuits.families.base import AttnGeometry, FamilyAdapter
 
 class GPT2(FamilyAdapter):
     name = "gpt2"
-    model_types = ("gpt2",)
     tl_architecture = "GPT2LMHeadModel"
     end_of_turn = ("<|endoftext|>",)
 

@@ -13,7 +13,6 @@ from safety_circuits.families.base import TINY, RotaryFamily
 
 class Llama(RotaryFamily):
     name = "llama"
-    model_types = ("llama",)
     tl_architecture = "LlamaForCausalLM"
     end_of_turn = ("<|eot_id|>",)
 

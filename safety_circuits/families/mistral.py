@@ -12,7 +12,6 @@ from safety_circuits.families.base import TINY, RotaryFamily
 
 class Mistral(RotaryFamily):
     name = "mistral"
-    model_types = ("mistral",)
     tl_architecture = "MistralForCausalLM"
 
     def convert_weights(self, hf_model: Any, cfg: Any) -> dict[str, Tensor]:

@@ -14,7 +14,6 @@ from safety_circuits.families.base import TINY, RotaryFamily
 
 class Phi3(RotaryFamily):
     name = "phi3"
-    model_types = ("phi3",)
     tl_architecture = "Phi3ForCausalLM"
     end_of_turn = ("<|end|>",)
 

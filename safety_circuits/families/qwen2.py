@@ -13,7 +13,6 @@ from safety_circuits.families.base import TINY, RotaryFamily
 
 class Qwen2(RotaryFamily):
     name = "qwen2"
-    model_types = ("qwen2",)
     tl_architecture = "Qwen2ForCausalLM"
     end_of_turn = ("<|im_end|>", "<|endoftext|>")
 

@@ -14,7 +14,6 @@ from safety_circuits.families.base import TINY, QKNorm, RotaryFamily
 
 class Qwen3(RotaryFamily):
     name = "qwen3"
-    model_types = ("qwen3",)
     tl_architecture = "Qwen3ForCausalLM"
     end_of_turn = ("<|im_end|>", "<|endoftext|>")
 
