@@ -324,7 +324,7 @@ def contrast_activations(
     batch_size: int = 8,
     chat: bool = True,
     system: str | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ContrastScores:
     """Score every neuron of ``kinds`` by the RMS difference of its activation between two models.
 

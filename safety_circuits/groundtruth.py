@@ -179,7 +179,7 @@ def plant_neurons(
     topic: Sequence[str] | None = None,
     config: TuneConfig | None = None,
     max_new_tokens: int = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> PlantedModel:
     """SN-Tune refusal into ``planted`` (refusals of ``harmful``, ``subject``'s own answers to
     ``harmless`` retained), then, with ``distractor``, the capitals behaviour on the ``topic``

@@ -240,7 +240,7 @@ def dynamic_patching(
     metric: Literal["asr", "over_refusal"] = "asr",
     chat: bool = True,
     system: str | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> RefusalEval:
     """Greedy answers of ``target`` with ``neurons`` patched, judged by :func:`is_refusal`.
 
@@ -427,7 +427,7 @@ def patching_curve(
     judge: Judge | None = None,
     patch_prompt: bool = True,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool = True,
 ) -> PatchingCurve:
     """Patch the top ``fraction`` of ``scores``' neurons from ``source`` into ``target``, for each
     fraction, with the baselines at the same neurons (``mean``, ``zero``) or at random neurons of

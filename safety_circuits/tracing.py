@@ -409,7 +409,7 @@ def patched_metrics(
     batch_size: int = 8,
     chat: bool = True,
     reuse_prefix: bool = True,
-    progress: bool = False,
+    progress: bool = True,
 ) -> tuple[Float[Tensor, "group pair"], Float[Tensor, " pair"], Float[Tensor, " pair"]]:
     """The metric of each pair with each group of sites patched together (one run per group).
 
