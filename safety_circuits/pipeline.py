@@ -134,6 +134,7 @@ class RunConfig(Record):
     capability: int = 90  # of the 180 questions
     max_new_tokens: int = 32  # examples/token_budget.py on validation splits: within 0.02 of 128 tokens
     random_seeds: int = 3  # random neuron sets of Deact-R (and of each set's specificity in detect)
+    detector_per_suite: int = 0  # test prompts the detector reads from each suite; 0 = all of them
 
     def __post_init__(self) -> None:
         if isinstance(self.positions, str) and self.positions.isdigit():  # from the command line
@@ -152,8 +153,8 @@ class RunConfig(Record):
             raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
         if not 0 < self.quantile < 1:
             raise ValueError(f"quantile must be in (0, 1), got {self.quantile}")
-        if self.control_seeds < 1 or self.eval_per_suite < 0:
-            raise ValueError("control_seeds must be >= 1 and eval_per_suite >= 0")
+        if self.control_seeds < 1 or self.eval_per_suite < 0 or self.detector_per_suite < 0:
+            raise ValueError("control_seeds must be >= 1, eval_per_suite and detector_per_suite >= 0")
 
     def with_recipe(self, recipe: Recipe) -> RunConfig:
         """This config with a searched recipe's settings (:mod:`safety_circuits.search`)."""
@@ -457,9 +458,10 @@ def detector(run: Run) -> pd.DataFrame:
     on the base model: the safety neurons, the tuned rule's set, Chen's contrast neurons (SN-Tuned
     against base, as many as the safety neurons; when the tuned model exists), the residual stream
     at the best-probed layer, the refusal direction per layer and the bag-of-words baseline, each
-    fitted on every default training, scored on every prompt of each test split (forward passes
-    only, no generation). Writes ``results/detector.json`` and ``detector.csv``;
-    returns, per features and training, whether every out-of-suite target holds."""
+    fitted on every default training, scored on every prompt of each test split
+    (``detector_per_suite`` of them when set; forward passes only, no generation). Writes
+    ``results/detector.json`` and ``detector.csv``; returns, per features and training, whether
+    every out-of-suite target holds."""
     cfg = run.config
     sets = dict.fromkeys(("safety", cfg.rule))
     features: list[FeatureFamily] = [
@@ -475,7 +477,8 @@ def detector(run: Run) -> pd.DataFrame:
         )
         features.append(NeuronFeatures(scores.top(k=len(run.neurons("safety"))), name="contrast neurons"))
     features += [ResidualFeatures(), DirectionFeatures(), TextFeatures()]
-    result = cross_suite(run.base, features, seed=cfg.seed, batch_size=16)
+    per_suite = cfg.detector_per_suite or None
+    result = cross_suite(run.base, features, test_per_suite=per_suite, seed=cfg.seed, batch_size=16)
     _write_text(run.path("results", "detector.json"), json.dumps(result.to_dict()))
     _write_csv(run.path("results", "detector.csv"), result.to_frame())
     return result.meets()

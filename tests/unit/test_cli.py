@@ -19,6 +19,7 @@ from safety_circuits.testing import tiny_hf
 SMALL = [
     *"--train-harmful 4 --retain-tokens 4 --retain-generated 4 --capability 3".split(),
     *"--eval-per-suite 2 --control-seeds 2 --max-new-tokens 3 --quantile 0.9 --lr 1e-3".split(),
+    *"--detector-per-suite 6".split(),
 ]
 
 
@@ -68,7 +69,8 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     assert sorted(set(cross["features"])) == sorted(features)
     too_long = json.loads((run / "results" / "detector.json").read_text())["config"]["too_long"]
     assert set(too_long) <= {"harmbench_contextual"}  # articles longer than the tiny model's context
-    expected = cross["suite"].map(lambda s: len(data.suite(s).prompts("test")) - too_long.get(s, 0))
+    drawn = cross["suite"].map(lambda s: min(6, len(data.suite(s).prompts("test"))))
+    expected = drawn - cross["suite"].map(lambda s: too_long.get(s, 0))
     assert (cross["n_pos"] == expected).all()
     assert set(cross["suite"]) == set(TEST_HARMFUL) and cross["auroc"].between(0, 1).all()
     assert "Unsafe-output detector across suites" in html
