@@ -53,6 +53,7 @@ from safety_circuits.neurons import (
     Kind,
     NeuronSet,
     check_arch,
+    check_expected,
     hook_name,
     kind_size,
     total_neurons,
@@ -287,13 +288,14 @@ class ContrastScores:
         return save_tensors(path, tensors, "ContrastScores", header)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ContrastScores:
-        """Read a file written by :meth:`save`."""
+    def load(cls, path: str | os.PathLike, expect: Architecture | Subject | None = None) -> ContrastScores:
+        """Read a file written by :meth:`save`; with ``expect``, check it fits that model."""
         tensors, header = load_tensors(path, "ContrastScores")
         try:
             kinds = [k for k in KINDS if f"score.{k}" in tensors]
-            return cls(
-                arch=Architecture.from_dict(header["arch"]),
+            arch = Architecture.from_dict(header["arch"])
+            loaded = cls(
+                arch=arch,
                 scores={k: tensors[f"score.{k}"] for k in kinds},
                 mean_aligned={k: tensors[f"mean_aligned.{k}"] for k in kinds},
                 mean_unaligned={k: tensors[f"mean_unaligned.{k}"] for k in kinds},
@@ -304,6 +306,8 @@ class ContrastScores:
             )
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a valid ContrastScores file: {e}") from e
+        check_expected(arch, expect, f"ContrastScores file {Path(path).name}")
+        return loaded
 
     def __repr__(self) -> str:
         return (

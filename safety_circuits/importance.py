@@ -43,7 +43,7 @@ from safety_circuits.neurons import (
     Kind,
     NeuronSet,
     ablation_hooks,
-    check_arch,
+    check_expected,
     hook_name,
     kind_size,
 )
@@ -357,8 +357,7 @@ class Importance:
                     raise ValueError(f"scores.{kind} has shape {tuple(t.shape)}")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a valid Importance file (corrupted or foreign): {e}") from e
-        if expect is not None:
-            check_arch(arch, getattr(expect, "arch", expect), f"Importance file {Path(path).name}")
+        check_expected(arch, expect, f"Importance file {Path(path).name}")
         return cls(arch, scores, prompts, config)
 
     def to_frame(self) -> pd.DataFrame:

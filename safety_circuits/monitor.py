@@ -35,7 +35,7 @@ from safety_circuits._io import TableResult, load_tensors, save_tensors
 from safety_circuits.activations import activations_at, check_prompts
 from safety_circuits.architecture import Architecture
 from safety_circuits.evaluate import generate, is_refusal
-from safety_circuits.neurons import KINDS, NeuronSet, check_arch
+from safety_circuits.neurons import KINDS, NeuronSet, check_arch, check_expected
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -362,8 +362,7 @@ class UnsafeOutputDetector:
                 raise ValueError(f"{len(detector.coef_)} weights for {len(neurons)} neurons")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a valid UnsafeOutputDetector file: {e}") from e
-        if expect is not None:
-            check_arch(arch, getattr(expect, "arch", expect), f"detector file {path.name}")
+        check_expected(arch, expect, f"detector file {path.name}")
         return detector
 
     def __repr__(self) -> str:

@@ -91,6 +91,13 @@ def check_arch(expected: Architecture, got: Architecture, what: str = "NeuronSet
         )
 
 
+def check_expected(arch: Architecture, expect: Architecture | Subject | None, what: str) -> None:
+    """For a file's ``load(path, expect=)``: with ``expect`` (a model or its architecture), check
+    that ``what`` was made for it (:func:`check_arch`)."""
+    if expect is not None:
+        check_arch(arch, getattr(expect, "arch", expect), what)
+
+
 @dataclass(frozen=True, eq=False)
 class NeuronSet:
     """An immutable set of neurons of one architecture, stored per ``(layer, kind)``.
@@ -360,8 +367,7 @@ class NeuronSet:
             neurons = cls.from_masks(arch, masks, name=name, metadata=metadata)
         except ArchitectureMismatchError as e:
             raise ValueError(f"{path} is corrupted: {e}") from e
-        if expect is not None:
-            check_arch(arch, getattr(expect, "arch", expect), f"NeuronSet file {path.name}")
+        check_expected(arch, expect, f"NeuronSet file {path.name}")
         return neurons
 
 

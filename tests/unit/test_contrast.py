@@ -5,6 +5,7 @@ import torch
 
 from safety_circuits import NeuronSet, load_model
 from safety_circuits.activations import tokenize
+from safety_circuits.architecture import Architecture
 from safety_circuits.contrast import (
     AlignmentTax,
     ContrastScores,
@@ -135,6 +136,10 @@ def test_top_frame_plot_and_files(pairs, tmp_path):
     assert loaded.kinds == scores.kinds and loaded.responses == scores.responses
     assert loaded.config == scores.config and loaded.top(k=10) == top
     torch.testing.assert_close(loaded.mean_unaligned["o"], scores.mean_unaligned["o"])
+    assert ContrastScores.load(path, expect=scores.arch).n_tokens == scores.n_tokens
+    other = Architecture.from_dict({**scores.arch.to_dict(), "d_mlp": scores.arch.d_mlp + 1})
+    with pytest.raises(ArchitectureMismatchError, match=r"ContrastScores file contrast\.safetensors"):
+        ContrastScores.load(path, expect=other)
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="not a valid ContrastScores"):
         ContrastScores.load(tmp_path / "junk.safetensors")
