@@ -51,7 +51,7 @@ def main() -> None:
         + data.capability_questions()["question"].tolist()
     )
     stop, pad = stop_ids(subject), subject.tokenizer.pad_token_id
-    batch_list = list(batches(subject, prompts, args.batch))
+    batch_list = list(batches(subject, prompts, batch_size=args.batch))
 
     def run(share: bool) -> list[torch.Tensor]:
         decoder = HFDecoder(subject.hf, share_prefix=share)
@@ -70,8 +70,12 @@ def main() -> None:
     same = all(torch.equal(a, b) for a, b in zip(tokens[True], tokens[False], strict=True))
     t_shared, t_plain = min(times[True]), min(times[False])
     harmless = prompts[50:100]
-    t_hf, _ = best(lambda: next_token_logprobs(subject, harmless, args.batch, use="hf"), args.repeats)
-    t_tl, _ = best(lambda: next_token_logprobs(subject, harmless, args.batch, use="tl"), args.repeats)
+    t_hf, _ = best(
+        lambda: next_token_logprobs(subject, harmless, batch_size=args.batch, use="hf"), args.repeats
+    )
+    t_tl, _ = best(
+        lambda: next_token_logprobs(subject, harmless, batch_size=args.batch, use="tl"), args.repeats
+    )
     print(
         f"{args.model}: {len(prompts)} prompts, batch {args.batch}, {args.new_tokens} new tokens "
         f"(best of {args.repeats})"

@@ -41,11 +41,11 @@ def timed(fn) -> float:
 def speed(args: argparse.Namespace) -> None:
     subject = load_model(args.model)
     prompts = data.harmbench("val")[: args.prompts]
-    tokens = sum(int(b.attention_mask.sum()) for b in batches(subject, prompts, args.batch))
+    tokens = sum(int(b.attention_mask.sum()) for b in batches(subject, prompts, batch_size=args.batch))
 
     def forward() -> None:
         with torch.no_grad():
-            for b in batches(subject, prompts, args.batch):
+            for b in batches(subject, prompts, batch_size=args.batch):
                 subject.tl(b.input_ids, attention_mask=b.attention_mask, return_type=None)
 
     def importance() -> None:
@@ -67,7 +67,9 @@ def speed(args: argparse.Namespace) -> None:
     for layer in (0, arch.n_layers // 2, arch.n_layers - 1):
         for kind in KINDS:
             n = min(args.brute_neurons, kind_size(arch, kind))
-            t = timed(lambda l=layer, k=kind, n=n: ablation_importance(subject, prompt, l, k, range(n)))
+            t = timed(
+                lambda l=layer, k=kind, n=n: ablation_importance(subject, prompt, l, k, indices=range(n))
+            )
             sampled, seconds = sampled + n, seconds + t
             weighted += t * (layer + 1) / arch.n_layers
     per_neuron, per_neuron_truncated = seconds / sampled, weighted / sampled
@@ -87,7 +89,7 @@ def memory_one(length: int, chunk_bytes: int) -> None:
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     geo = AttnGeometry(scale=64**-0.5, softcap=None, window=None, rotary=True)
     with PeakMemory(interval=0.001) as memory:
-        qk_importance(q, k, geo, (cos, sin), chunk_bytes)
+        qk_importance(q, k, geo, (cos, sin), chunk_bytes=chunk_bytes)
     print(memory.extra_mb)
 
 

@@ -62,7 +62,7 @@ def speed(args: argparse.Namespace) -> None:
     prompts = data.harmbench("val")[: args.prompts]
     neurons = random_neurons(subject.arch, args.fraction)
     stop, pad = stop_ids(subject), subject.tokenizer.pad_token_id
-    batch_list = list(batches(subject, prompts, args.batch))
+    batch_list = list(batches(subject, prompts, batch_size=args.batch))
 
     def run(make_decoder) -> tuple[float, int]:
         tokens, start = 0, time.perf_counter()

@@ -74,9 +74,9 @@ def main() -> None:
     for name, neurons in sets.items():
         table = ablation.deactivation_experiment(
             aligned,
-            neurons,
             harmful_eval,
             harmless_eval,
+            neurons,
             capability=capability,
             random_seeds=3,
             max_new_tokens=32,

@@ -4,7 +4,7 @@ Importance on the HarmBench *val* split (detection), safety neurons by the defau
 quantile rule, foundation neurons on the harmless *train* split as plain text, robust safety
 neurons, their layer distribution and attention-vs-FFN share, the corpus-size table, a
 deactivation experiment (Deact-SN vs Deact-R) on held-out prompts, ASR against the number of
-neurons deactivated and against the layers they sit in. ``--positions user`` measures importance
+neurons deactivated and against the layers they sit in. ``--scope user`` measures importance
 on the prompt's own tokens only.
 
 Run: ``.venv/bin/python examples/find_safety_neurons.py`` (about 5 minutes on 2 CPU cores);
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/find_safety_neurons")
     parser.add_argument("--quick", action="store_true", help="fewer evaluation prompts")
     parser.add_argument(
-        "--positions", choices=("all", "user"), default="all", help="tokens importance is measured on"
+        "--scope", choices=("all", "user"), default="all", help="tokens importance is measured on"
     )
     args = parser.parse_args()
     n_eval, n_capability = (8, 30) if args.quick else (24, 90)
@@ -39,7 +39,7 @@ def main() -> None:
     subject = sc.load_model(args.model)
     detection = sc.harmbench("val")
     start = time.perf_counter()
-    importance = sc.neuron_importance(subject, detection, batch_size=8, positions=args.positions)
+    importance = sc.neuron_importance(subject, detection, batch_size=8, scope=args.scope)
     seconds = time.perf_counter() - start
     safety = detect.select_neurons(importance).with_metadata(name="safety")
     foundation = sc.find_foundation_neurons(subject, sc.harmless("train"), batch_size=8)
@@ -59,10 +59,10 @@ def main() -> None:
     harmless_eval = sc.data.sample(sc.harmless("eval"), n_eval)
     capability = sc.data.capability_questions().sample(n_capability, random_state=0)
     table = ablation.deactivation_experiment(
-        subject, safety, harmful_eval, harmless_eval, capability=capability, random_seeds=1, max_new_tokens=32
+        subject, harmful_eval, harmless_eval, safety, capability=capability, random_seeds=1, max_new_tokens=32
     )
-    fractions = ablation.asr_vs_fraction(subject, importance, harmful_eval[:8], max_new_tokens=24)
-    sweep = ablation.layer_sweep(subject, safety, harmful_eval[:8], max_new_tokens=24)
+    fractions = ablation.asr_vs_fraction(subject, harmful_eval[:8], importance, max_new_tokens=24)
+    sweep = ablation.layer_sweep(subject, harmful_eval[:8], safety, max_new_tokens=24)
     sets = {"safety": safety, "foundation": foundation, "robust": robust}
     path = write_report(
         f"{args.out}/report.html",

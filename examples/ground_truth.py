@@ -94,9 +94,9 @@ def main() -> None:
     else:
         model = plant_neurons(
             base,
-            planted,
             data.train_harmful(80, seed=args.seed),
             data.harmless("train"),
+            planted,
             distractor=distractor,
             topic=topic[:16],
             config=config,

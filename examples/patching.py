@@ -103,7 +103,7 @@ def main() -> None:
     # 2. dynamic patching: unaligned target, aligned source
     t = time.perf_counter()
     curve = patching_curve(
-        unaligned, aligned, safety_scores, harmful_eval, fractions=fractions, max_new_tokens=new_tokens
+        unaligned, aligned, harmful_eval, safety_scores, fractions=fractions, max_new_tokens=new_tokens
     )
     timings["patching_s"] = time.perf_counter() - t
     needed = pd.DataFrame(

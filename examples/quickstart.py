@@ -34,7 +34,7 @@ def main() -> None:
     print(f"ASR, {len(neurons)} random FFN neurons off: {ablated.rate:.2f}")
 
     path = neurons.save("runs/quickstart/random_ffn.safetensors")
-    print(f"mask saved to {path}; HF parameters touched: {len(sc.hf_masks(neurons, subject))}")
+    print(f"mask saved to {path}; HF parameters touched: {len(sc.hf_masks(subject, neurons))}")
 
 
 if __name__ == "__main__":

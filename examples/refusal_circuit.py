@@ -59,7 +59,7 @@ def analyse(subject, label, data, neurons, sizes, timings):
         data["harmless"],
         harmful_val=data["harmful"][: sizes["val"]],
         harmless_val=data["harmless"][: sizes["val"]],
-        positions=sizes["positions"],
+        offsets=sizes["offsets"],
         layers=sizes["layers"](subject.arch.n_layers),
         max_kl=sizes["max_kl"],
         progress=False,
@@ -68,10 +68,10 @@ def analyse(subject, label, data, neurons, sizes, timings):
     start = time.perf_counter()
     table = compare_with_neurons(
         subject,
-        direction,
-        neurons,
         data["harmful_eval"],
         data["harmless_eval"],
+        direction,
+        neurons,
         max_new_tokens=sizes["tokens"],
     )
     timings[f"{label}: direction vs neurons"] = time.perf_counter() - start
@@ -96,7 +96,7 @@ def main() -> None:
             "val": 8,
             "eval": 8,
             "tokens": 24,
-            "positions": [-1],
+            "offsets": [-1],
             "layers": lambda n: range(1, max(2, int(0.8 * n)), 2),
             "max_kl": None,
         }
@@ -108,7 +108,7 @@ def main() -> None:
             "val": 16,
             "eval": 24,
             "tokens": 48,
-            "positions": None,
+            "offsets": None,
             "layers": lambda n: range(n),
             "max_kl": 0.1,
         }

@@ -38,9 +38,9 @@ def main() -> None:
     cfg = run.config
     safety, foundation = run.neurons("safety"), run.neurons("foundation")
     docs = documents(run)
-    task = benign_task_documents(args.task_documents, seed=cfg.seed)
+    task = benign_task_documents(n=args.task_documents, seed=cfg.seed)
     harmful, harmless = run.eval_prompts("harmbench"), run.eval_prompts("harmless")
-    robust = rsn_tune(run.base, safety, foundation, docs, config=cfg.tune_config())
+    robust = rsn_tune(run.base, docs, safety, foundation, config=cfg.tune_config())
     tuned = {  # the run's SN-Tuned model, and RSN-Tune with the same documents and settings
         "SN-Tune": (run.model(TUNED), safety),
         "RSN-Tune": (robust.subject, robust.neurons),

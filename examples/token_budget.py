@@ -54,8 +54,8 @@ def main() -> None:
             budget_curve(
                 subject,
                 suites,
-                budgets,
-                "validation",
+                budgets=budgets,
+                split="validation",
                 n=args.per_suite or None,
                 judge=args.judge,
                 model=name,

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -62,6 +62,23 @@ class Record:
         if unknown and not cls.ignore_unknown:
             raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def resolve(cls: type[_R], config: _R | None = None, **overrides: Any) -> _R:
+        """``config`` (default: the class's defaults) with ``overrides`` set, checked again: the
+        ``f(..., config=None, **overrides)`` of a function with many options. Unknown names raise.
+
+        >>> from safety_circuits.tuning import TuneConfig
+        >>> TuneConfig.resolve(TuneConfig(lr=1e-3), epochs=2).epochs
+        2
+        """
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config must be a {cls.__name__}, got a {type(config).__name__}")
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} options {unknown}; the options are {names}")
+        return replace(config if config is not None else cls(), **overrides)  # type: ignore[type-var]
 
 
 def _umask() -> int:

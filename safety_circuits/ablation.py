@@ -24,7 +24,7 @@ from safety_circuits.activations import batches, hidden_states, lm_head, to_righ
 from safety_circuits.data import capability_questions
 from safety_circuits.evaluate import Use, attack_success_rate, generate, over_refusal_rate
 from safety_circuits.importance import Importance
-from safety_circuits.neurons import NeuronSet, ablate, ablate_hf, check_arch
+from safety_circuits.neurons import NeuronSet, ablate, ablate_hf, check_neurons
 from safety_circuits.stats import kl_divergence
 
 if TYPE_CHECKING:
@@ -55,7 +55,11 @@ class CapabilityEval(TableResult):
 
 
 def capability_accuracy(
-    subject: Subject, questions: pd.DataFrame | None = None, max_new_tokens: int = 16, **generate_kwargs: Any
+    subject: Subject,
+    questions: pd.DataFrame | None = None,
+    *,
+    max_new_tokens: int = 16,
+    **generate_kwargs: Any,
 ) -> CapabilityEval:
     """Exact-match accuracy on short-answer questions (the project's set by default)."""
     questions = capability_questions() if questions is None else questions
@@ -69,12 +73,12 @@ def capability_accuracy(
 
 @torch.no_grad()
 def next_token_logprobs(
-    subject: Subject, prompts: Sequence[str], batch_size: int = 8, use: Use = "tl"
+    subject: Subject, prompts: Sequence[str], *, batch_size: int = 8, use: Use = "tl"
 ) -> list[torch.Tensor]:
     """Log-probabilities of the next token at every real position of each chat-rendered prompt
     (with ``use="hf"``, the template's shared system turn runs once per batch)."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-    for batch in batches(subject, prompts, batch_size):
+    for batch in batches(subject, prompts, batch_size=batch_size):
         if use == "hf":
             input_ids, mask = to_right_padding(batch.input_ids, batch.attention_mask)
             logits = lm_head(subject.hf, hidden_states(subject.hf, input_ids, mask)[mask.bool()])
@@ -97,6 +101,7 @@ def measure(
     subject: Subject,
     harmful: Sequence[str] | None,
     harmless: Sequence[str],
+    *,
     capability: pd.DataFrame | None = None,
     reference: list[torch.Tensor] | None = None,
     max_new_tokens: int = 48,
@@ -109,13 +114,13 @@ def measure(
     row = {} if harmful is None else {"asr": attack_success_rate(subject, harmful, **gen).rate}
     row["over_refusal"] = over_refusal_rate(subject, harmless, **gen).rate
     if reference is not None:
-        row["kl"] = mean_kl(reference, next_token_logprobs(subject, harmless, batch_size, use=use))
+        row["kl"] = mean_kl(reference, next_token_logprobs(subject, harmless, batch_size=batch_size, use=use))
     if capability is not None:
         row["capability"] = capability_accuracy(subject, capability, **{**gen, "max_new_tokens": 16}).accuracy
     return row
 
 
-def deactivated(subject: Subject, neurons: NeuronSet | None, use: Use = "tl") -> AbstractContextManager:
+def deactivated(subject: Subject, neurons: NeuronSet | None, *, use: Use = "tl") -> AbstractContextManager:
     """``neurons`` switched off for the decoding ``use`` will run (TL hooks or zeroed HF slices)."""
     if neurons is None:
         return nullcontext(subject)
@@ -124,8 +129,9 @@ def deactivated(subject: Subject, neurons: NeuronSet | None, use: Use = "tl") ->
 
 def zeroing_kl(
     subject: Subject,
-    sets: dict[str, NeuronSet],
     harmless: Sequence[str],
+    sets: dict[str, NeuronSet],
+    *,
     random_seeds: int = 3,
     batch_size: int = 8,
     use: Use = "tl",
@@ -137,15 +143,15 @@ def zeroing_kl(
     (mean over seeds), random_kl_min, random_kl_max, kl_ratio (kl / random_kl)."""
     if random_seeds < 1:
         raise ValueError(f"random_seeds must be >= 1, got {random_seeds}")
-    reference = next_token_logprobs(subject, harmless, batch_size, use=use)
+    reference = next_token_logprobs(subject, harmless, batch_size=batch_size, use=use)
 
     def kl(neurons: NeuronSet) -> float:
-        with deactivated(subject, neurons, use):
-            return mean_kl(reference, next_token_logprobs(subject, harmless, batch_size, use=use))
+        with deactivated(subject, neurons, use=use):
+            return mean_kl(reference, next_token_logprobs(subject, harmless, batch_size=batch_size, use=use))
 
     rows = []
     for name, neurons in sets.items():
-        check_arch(neurons.arch, subject.arch)
+        check_neurons(neurons, subject)
         random = [kl(neurons.random_like(seed=seed)) for seed in range(random_seeds)]
         mine, mean = kl(neurons), sum(random) / len(random)
         rows.append(
@@ -164,9 +170,10 @@ def zeroing_kl(
 
 def deactivation_experiment(
     subject: Subject,
-    neurons: NeuronSet,
     harmful_eval: Sequence[str],
     harmless_eval: Sequence[str],
+    neurons: NeuronSet,
+    *,
     capability: pd.DataFrame | None = None,
     random_seeds: int = 3,
     max_new_tokens: int = 48,
@@ -181,8 +188,8 @@ def deactivation_experiment(
     ``origin``: :func:`measure`'s row for ``subject`` on the same prompts, if already known (it is
     then not measured again; its KL is 0 by definition).
     """
-    check_arch(neurons.arch, subject.arch)
-    reference = next_token_logprobs(subject, harmless_eval, batch_size, use=use)
+    check_neurons(neurons, subject)
+    reference = next_token_logprobs(subject, harmless_eval, batch_size=batch_size, use=use)
     settings: list[tuple[str, int | None, NeuronSet | None]] = [("Origin", None, None)]
     settings += [("Deact-R", seed, neurons.random_like(seed=seed)) for seed in range(random_seeds)]
     settings.append(("Deact-SN", None, neurons))
@@ -191,9 +198,16 @@ def deactivation_experiment(
         if chosen is None and origin is not None:
             rows.append({"setting": setting, "seed": seed, "neurons": 0, **origin, "kl": 0.0})
             continue
-        with deactivated(subject, chosen, use):
+        with deactivated(subject, chosen, use=use):
             measured = measure(
-                subject, harmful_eval, harmless_eval, capability, reference, max_new_tokens, use, batch_size
+                subject,
+                harmful_eval,
+                harmless_eval,
+                capability=capability,
+                reference=reference,
+                max_new_tokens=max_new_tokens,
+                use=use,
+                batch_size=batch_size,
             )
         rows.append({"setting": setting, "seed": seed, "neurons": len(chosen or []), **measured})
     frame = pd.DataFrame(rows)
@@ -204,7 +218,7 @@ def deactivation_experiment(
 def _asr(
     subject: Subject, neurons: NeuronSet, prompts: Sequence[str], max_new_tokens: int, use: Use
 ) -> float:
-    with deactivated(subject, neurons, use):
+    with deactivated(subject, neurons, use=use):
         return attack_success_rate(
             subject, prompts, max_new_tokens=max_new_tokens, use=use, progress=False
         ).rate
@@ -212,8 +226,9 @@ def _asr(
 
 def asr_vs_fraction(
     subject: Subject,
-    importance: Importance,
     harmful_eval: Sequence[str],
+    importance: Importance,
+    *,
     quantiles: Sequence[float] = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9),
     max_new_tokens: int = 48,
     use: Use = "tl",
@@ -229,8 +244,9 @@ def asr_vs_fraction(
 
 def layer_sweep(
     subject: Subject,
-    neurons: NeuronSet,
     harmful_eval: Sequence[str],
+    neurons: NeuronSet,
+    *,
     ks: Sequence[int] | None = None,
     max_new_tokens: int = 48,
     use: Use = "tl",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -13,49 +13,41 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from safety_circuits._kv_cache import cache_kwargs, new_cache
+from safety_circuits.vocabulary import Scope, check_offsets, check_scope
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
     from safety_circuits.neurons import HookFn
 
 
-#: The tokens a measurement covers: every real token, the prompt's own tokens (not the chat
-#: template's), or an int ``k``: the last ``k`` tokens of each rendered prompt (for a chat model,
-#: the end of the user turn and the assistant header, where refusal is decided).
-Positions = Literal["all", "user"] | int
-
-
-def check_scope(positions: Positions) -> Positions:
-    if positions in ("all", "user") or (
-        isinstance(positions, int) and not isinstance(positions, bool) and positions >= 1
-    ):
-        return positions
-    raise ValueError(f"positions must be 'all', 'user' or a number k >= 1 of last tokens, got {positions!r}")
-
-
 @dataclass
 class Batch:
     """One left-padded batch; ``order`` gives each row's position in the caller's prompt list.
 
-    ``positions`` is 1 on the tokens to measure: every real token (the default), or, from
-    ``batches(..., positions="user")``, only the prompt's own tokens, not the chat template's
-    (``positions=k``: the last ``k`` real tokens).
+    ``measured`` is 1 on the tokens a measurement covers (its ``scope``): every real token (the
+    default), or, from ``batches(..., scope="user")``, only the prompt's own tokens, not the chat
+    template's (``scope=k``: the last ``k`` real tokens).
     """
 
     order: list[int]
     input_ids: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
-    positions: Int[Tensor, "batch pos"] | None = None
+    measured: Int[Tensor, "batch pos"] | None = None
 
     def __post_init__(self) -> None:
-        if self.positions is None:
-            self.positions = self.attention_mask
+        if self.measured is None:
+            self.measured = self.attention_mask
 
 
-def check_prompts(prompts: Sequence[str], what: str = "prompts") -> list[str]:
+def check_prompts(prompts: Sequence[str], *, what: str = "prompts") -> list[str]:
     """Reject an empty list or non-string/empty entries with a clear message."""
     if isinstance(prompts, str):
         raise TypeError(f"{what} must be a list of strings, not one string")
+    if not isinstance(prompts, Iterable) or hasattr(prompts, "arch"):
+        raise TypeError(
+            f"{what} must be a list of strings, got a {type(prompts).__name__} "
+            "(arguments go model, then data (prompts, documents), then neurons)"
+        )
     prompts = list(prompts)
     if not prompts:
         raise ValueError(f"{what} is empty: give at least one prompt")
@@ -66,7 +58,7 @@ def check_prompts(prompts: Sequence[str], what: str = "prompts") -> list[str]:
 
 
 def render(
-    subject: Subject, prompts: Sequence[str], chat: bool = True, system: str | None = None
+    subject: Subject, prompts: Sequence[str], *, chat: bool = True, system: str | None = None
 ) -> list[str]:
     """Texts the model sees: the chat template applied to each prompt (or the prompts as they are)."""
     prompts = check_prompts(prompts)
@@ -79,7 +71,7 @@ def tokenize(subject: Subject, texts: Sequence[str]) -> list[list[int]]:
 
 
 def fits_context(
-    subject: Subject, prompts: Sequence[str], chat: bool = True, system: str | None = None
+    subject: Subject, prompts: Sequence[str], *, chat: bool = True, system: str | None = None
 ) -> list[bool]:
     """Whether each prompt, rendered, fits in ``subject.max_ctx`` tokens."""
     ids = _encode(subject, render(subject, prompts, chat=chat, system=system), check=False)["input_ids"]
@@ -199,27 +191,28 @@ def logits_at(
 def batches(
     subject: Subject,
     prompts: Sequence[str],
+    *,
     batch_size: int = 8,
     chat: bool = True,
     system: str | None = None,
     desc: str | None = None,
-    positions: Positions = "all",
+    scope: Scope = "all",
 ) -> Iterator[Batch]:
     """Yield left-padded batches of similar length (prompts sorted by token count)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    positions = check_scope(positions)
+    scope = check_scope(scope)
     texts = render(subject, prompts, chat=chat, system=system)
     ids = tokenize(subject, texts)
-    selected = prompt_token_masks(subject, texts, prompts) if positions == "user" else None
+    selected = prompt_token_masks(subject, texts, prompts) if scope == "user" else None
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     chunks = _chunks(order, [len(x) for x in ids], batch_size)
     for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         input_ids, mask = left_pad([ids[i] for i in chunk], subject.tokenizer.pad_token_id, subject.device)
         chosen = None if selected is None else left_pad([selected[i] for i in chunk], 0, subject.device)[0]
-        if isinstance(positions, int):  # left padding aligns every row's last tokens
+        if isinstance(scope, int):  # left padding aligns every row's last tokens
             chosen = mask.clone()
-            chosen[:, : max(mask.shape[1] - positions, 0)] = 0
+            chosen[:, : max(mask.shape[1] - scope, 0)] = 0
         yield Batch(chunk, input_ids, mask, chosen)
 
 
@@ -250,6 +243,7 @@ def mean_activations(
     subject: Subject,
     prompts: Sequence[str],
     hook_names: Iterable[str],
+    *,
     batch_size: int = 8,
     chat: bool = True,
 ) -> dict[str, Float[Tensor, "..."]]:
@@ -266,7 +260,7 @@ def mean_activations(
         total = (act * m).sum(dim=(0, 1)).double()
         sums[name] = sums.get(name, 0) + total
 
-    for batch in batches(subject, prompts, batch_size, chat=chat, desc="mean activations"):
+    for batch in batches(subject, prompts, batch_size=batch_size, chat=chat, desc="mean activations"):
         mask = batch.attention_mask
         with subject.tl.hooks(fwd_hooks=[(n, partial(accumulate, name=n)) for n in names]):
             subject.tl(batch.input_ids, attention_mask=batch.attention_mask)
@@ -274,34 +268,22 @@ def mean_activations(
     return {n: (s / count).float() for n, s in sums.items()}
 
 
-def check_positions(positions: Sequence[int]) -> list[int]:
-    """Positions counted from the end (``-1`` = last token): the ones left padding keeps aligned."""
-    positions = [int(p) for p in positions]
-    if not positions:
-        raise ValueError("give at least one position")
-    if any(p >= 0 for p in positions):
-        raise ValueError(
-            f"positions must be negative (counted from the end, -1 = last token), got {positions}: "
-            "batches are left-padded, so only positions from the end line up across prompts"
-        )
-    return positions
-
-
 @torch.no_grad()
 def activations_at(
     subject: Subject,
     prompts: Sequence[str],
     hook_names: Sequence[str],
-    positions: Sequence[int] = (-1,),
+    *,
+    offsets: Sequence[int] = (-1,),
     batch_size: int = 8,
     chat: bool = True,
     desc: str | None = None,
     system: str | None = None,
 ) -> dict[str, Float[Tensor, "prompt pos ..."]]:
-    """Activations at ``hook_names`` and ``positions`` (from the end) of each prompt, in input order.
+    """Activations at ``hook_names`` and ``offsets`` (from the end) of each prompt, in input order.
 
     Like ``run_with_cache(names_filter=hook_names)`` over left-padded batches, but each hook keeps
-    only the requested positions (float32, on the CPU), and the hooked backend stops after the
+    only the requested offsets (float32, on the CPU), and the hooked backend stops after the
     last layer asked for. Attention-head sites keep their head axis: ``[prompt, pos, head, d_head]``.
     """
     prompts = check_prompts(prompts)
@@ -311,8 +293,8 @@ def activations_at(
     missing = [n for n in names if n not in subject.tl.hook_dict]
     if missing:
         raise ValueError(f"{subject.name} has no hook points {missing[:5]}")
-    positions = check_positions(positions)
-    index = torch.tensor(positions, device=subject.device)
+    offsets = check_offsets(offsets)
+    index = torch.tensor(offsets, device=subject.device)
     out: dict[str, Tensor] = {}
     rows: list[int] = []
 
@@ -328,10 +310,10 @@ def activations_at(
     extra = {}
     if subject.backend == "hooked" and all(n.startswith("blocks.") for n in names):
         extra["stop_at_layer"] = max(int(n.split(".")[1]) for n in names) + 1  # skip the layers after
-    for batch in batches(subject, prompts, batch_size, chat=chat, system=system, desc=desc):
+    for batch in batches(subject, prompts, batch_size=batch_size, chat=chat, system=system, desc=desc):
         shortest = int(batch.attention_mask.sum(-1).min())
-        if -min(positions) > shortest:
-            raise ValueError(f"position {min(positions)} is before the start of a {shortest}-token prompt")
+        if -min(offsets) > shortest:
+            raise ValueError(f"offset {min(offsets)} is before the start of a {shortest}-token prompt")
         rows[:] = batch.order
         with subject.tl.hooks(fwd_hooks=[(n, keeper(n)) for n in names]):
             subject.tl(batch.input_ids, attention_mask=batch.attention_mask, return_type=None, **extra)

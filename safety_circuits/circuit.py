@@ -26,11 +26,13 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from safety_circuits._io import Record
 from safety_circuits.activations import activations_at, check_prompts
 from safety_circuits.architecture import Architecture
-from safety_circuits.neurons import Kind, NeuronSet, check_arch, hook_name
+from safety_circuits.neurons import Kind, NeuronSet, check_neurons, hook_name
 from safety_circuits.probing import ProbeResult, probe_layers
-from safety_circuits.tracing import Metric, Mode, Positions, TracingResult, trace_components
+from safety_circuits.tracing import Metric, TracingResult, trace_components
+from safety_circuits.vocabulary import PatchAt, TraceMode
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -60,24 +62,25 @@ def activation_difference(
     subject: Subject,
     harmful: Sequence[str],
     harmless: Sequence[str],
+    *,
     layers: Sequence[int] | None = None,
     kinds: Sequence[Kind] = ("ffn",),
     top_k: int | None = 20,
-    position: int = -1,
+    offset: int = -1,
     batch_size: int = 8,
     chat: bool = True,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Mean activation of each neuron on harmful and harmless prompts at ``position`` and their
+    """Mean activation of each neuron on harmful and harmless prompts at ``offset`` (from the end) and their
     difference; the ``top_k`` largest ``|diff|`` per layer and kind (all with ``top_k=None``).
 
     Columns: ``layer``, ``kind``, ``index``, ``harmful``, ``harmless``, ``diff``, ``abs_diff``.
     """
-    harmful, harmless = check_prompts(harmful, "harmful"), check_prompts(harmless, "harmless")
+    harmful, harmless = check_prompts(harmful, what="harmful"), check_prompts(harmless, what="harmless")
     layers = list(range(subject.arch.n_layers)) if layers is None else list(layers)
     sites = [(layer, kind) for layer in layers for kind in kinds]
     names = [hook_name(layer, kind) for layer, kind in sites]
-    kwargs = {"positions": [position], "batch_size": batch_size, "chat": chat}
+    kwargs = {"offsets": [offset], "batch_size": batch_size, "chat": chat}
     desc = "activation difference ({})" if progress else None
     a = activations_at(subject, harmful, names, desc=desc and desc.format("harmful"), **kwargs)
     b = activations_at(subject, harmless, names, desc=desc and desc.format("harmless"), **kwargs)
@@ -296,67 +299,70 @@ class RefusalCircuit:
         )
 
 
+@dataclass
+class CircuitConfig(Record):
+    """Options of :func:`map_refusal_circuit`: probes (``offset`` from the end, ``cv`` folds,
+    ``probe_threshold`` for a readable layer), candidates (``top_k`` per layer and kind among
+    ``kinds``), tracing (the first ``n_pairs`` harmful/harmless pairs, every head with ``heads``,
+    ``mode`` and ``patch_at`` as in :class:`~safety_circuits.tracing.TraceConfig`) and the circuit
+    (candidate groups whose normalized effect reaches ``effect_threshold``)."""
+
+    probe_threshold: float = 0.8
+    kinds: Sequence[Kind] = ("ffn",)
+    top_k: int = 20
+    n_pairs: int = 8
+    heads: bool = True
+    effect_threshold: float = 0.1
+    mode: TraceMode = "noising"
+    patch_at: PatchAt = "suffix"
+    offset: int = -1
+    cv: int = 5
+    seed: int = 0
+    batch_size: int = 8
+    chat: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_pairs < 1:
+            raise ValueError(f"n_pairs must be >= 1, got {self.n_pairs}")
+
+
 def map_refusal_circuit(
     subject: Subject,
     harmful: Sequence[str],
     harmless: Sequence[str],
     neurons: NeuronSet | None = None,
-    probe_threshold: float = 0.8,
-    kinds: Sequence[Kind] = ("ffn",),
-    top_k: int = 20,
-    n_pairs: int = 8,
-    heads: bool = True,
-    effect_threshold: float = 0.1,
-    mode: Mode = "noising",
-    positions: Positions = "suffix",
-    position: int = -1,
-    cv: int = 5,
-    seed: int = 0,
+    *,
+    config: CircuitConfig | None = None,
     metric: Metric | None = None,
-    batch_size: int = 8,
-    chat: bool = True,
     progress: bool = True,
+    **options: Any,
 ) -> RefusalCircuit:
     """Probe, find candidate neurons in the readable layers, trace; see the module doc.
 
     ``neurons``: use these (restricted to the readable layers) instead of the activation-difference
-    candidates. Tracing pairs ``harmful[i]`` with ``harmless[i]`` for the first ``n_pairs``
-    prompts; ``positions`` (default: the chat template's shared tokens) and ``mode`` are those of
-    :func:`~safety_circuits.tracing.trace_components`; ``position`` is where probes and activation
-    differences read.
+    candidates. ``options`` set fields of ``config`` (:class:`CircuitConfig`), e.g. ``n_pairs=4``.
     """
-    harmful, harmless = check_prompts(harmful, "harmful"), check_prompts(harmless, "harmless")
+    cfg = CircuitConfig.resolve(config, **options)
+    harmful, harmless = check_prompts(harmful, what="harmful"), check_prompts(harmless, what="harmless")
     if neurons is not None:
-        check_arch(neurons.arch, subject.arch)
-    if n_pairs < 1:
-        raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
-    probes = probe_layers(
-        subject,
-        harmful,
-        harmless,
-        position=position,
-        cv=cv,
-        seed=seed,
-        batch_size=batch_size,
-        chat=chat,
-        progress=progress,
-    )
-    readable = probes.readable_layers(probe_threshold)
+        check_neurons(neurons, subject)
+    common = {"offset": cfg.offset, "batch_size": cfg.batch_size, "chat": cfg.chat, "progress": progress}
+    probes = probe_layers(subject, harmful, harmless, cv=cfg.cv, seed=cfg.seed, **common)
+    readable = probes.readable_layers(cfg.probe_threshold)
     if not readable:
         readable = [probes.best_layer]
         logger.warning(
             "no layer reaches probe accuracy %.2f; using the best one (layer %d)",
-            probe_threshold,
+            cfg.probe_threshold,
             readable[0],
         )
     if neurons is None:
         candidates = activation_difference(
-            subject, harmful, harmless, readable, kinds, top_k, position, batch_size, chat, progress
+            subject, harmful, harmless, layers=readable, kinds=cfg.kinds, top_k=cfg.top_k, **common
         )
     else:
-        given = neurons.kinds()
         frame = activation_difference(
-            subject, harmful, harmless, readable, given, None, position, batch_size, chat, progress
+            subject, harmful, harmless, layers=readable, kinds=neurons.kinds(), top_k=None, **common
         )
         inside = [
             (int(l), k, int(i)) in neurons
@@ -364,38 +370,38 @@ def map_refusal_circuit(
         ]
         candidates = frame[inside].reset_index(drop=True)
     candidate_set = _neurons_of(subject.arch, candidates, "candidates")
-    n = min(n_pairs, len(harmful), len(harmless))
+    n = min(cfg.n_pairs, len(harmful), len(harmless))
     tracing = trace_components(
         subject,
         harmful[:n],
         harmless[:n],
-        heads=heads,
         neurons=candidate_set if len(candidate_set) else None,
-        mode=mode,
-        positions=positions,
         metric=metric,
-        batch_size=batch_size,
-        chat=chat,
         progress=progress,
+        heads=cfg.heads,
+        mode=cfg.mode,
+        patch_at=cfg.patch_at,
+        batch_size=cfg.batch_size,
+        chat=cfg.chat,
     )
     groups = tracing.frame[tracing.frame["n_neurons"].notna()]
-    kept_groups = groups[groups["normalized"].abs() >= effect_threshold]
+    kept_groups = groups[groups["normalized"].abs() >= cfg.effect_threshold]
     kept = {(int(l), k) for l, k in zip(kept_groups["layer"], kept_groups["component"], strict=True)}
     circuit_neurons = NeuronSet(
         subject.arch,
         {site: idx for site, idx in candidate_set.indices.items() if site in kept},
         name="refusal circuit",
-        metadata={"effect_threshold": effect_threshold, "readable_layers": readable},
+        metadata={"effect_threshold": cfg.effect_threshold, "readable_layers": readable},
     )
-    config = {
-        "probe_threshold": probe_threshold,
-        "effect_threshold": effect_threshold,
-        "kinds": list(neurons.kinds() if neurons is not None else kinds),
-        "top_k": None if neurons is not None else top_k,
+    record = {
+        "probe_threshold": cfg.probe_threshold,
+        "effect_threshold": cfg.effect_threshold,
+        "kinds": list(neurons.kinds() if neurons is not None else cfg.kinds),
+        "top_k": None if neurons is not None else cfg.top_k,
         "n_pairs": n,
-        "mode": mode,
-        "positions": positions,
-        "position": position,
+        "mode": cfg.mode,
+        "patch_at": cfg.patch_at,
+        "offset": cfg.offset,
         "model": subject.name,
     }
-    return RefusalCircuit(probes, tracing, candidates, circuit_neurons, readable, config)
+    return RefusalCircuit(probes, tracing, candidates, circuit_neurons, readable, record)

@@ -8,7 +8,7 @@ the difference of its activation between the two models:
 
 Neurons are those of :mod:`safety_circuits.neurons` (``q``/``k``/``v`` at ``attn.hook_q/k/v``,
 ``o`` at ``attn.hook_z``, ``ffn`` at ``mlp.hook_post``); the paper's code covers Llama's MLP
-neurons only. Token selection (``positions``):
+neurons only. Token selection (``tokens``):
 
 - ``"completion"`` (the paper's): the generation steps, i.e. the positions whose outputs are the
   generated tokens: the prompt's last token and every generated token fed back, up to the one
@@ -58,26 +58,25 @@ from safety_circuits.neurons import (
     kind_size,
     total_neurons,
 )
+from safety_circuits.vocabulary import CONTRAST_TOKENS, ContrastTokens
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
 
-Positions = Literal["completion", "prompt", "prompt_last"]
-POSITIONS: tuple[Positions, ...] = ("completion", "prompt", "prompt_last")
 DEFAULT_KINDS: tuple[Kind, ...] = ("ffn", "o")
 
 
 # -- checks shared by contrast, patching and monitoring ---------------------------------------
-def check_pair(first: Subject, second: Subject, what: str = "models") -> None:
+def check_pair(first: Subject, second: Subject, *, what: str = "models") -> None:
     """Two models that must run on the same tokens and have the same neurons.
 
     Raises ``ArchitectureMismatchError`` naming the differing fields, or ``ValueError`` when the
     tokenizers' vocabularies differ.
     """
     try:
-        check_arch(first.arch, second.arch, f"{what}' neuron layout")
+        check_arch(first.arch, second.arch, what=f"{what}' neuron layout")
     except ArchitectureMismatchError as e:
         raise ArchitectureMismatchError(
             f"the {what} {first.name!r} and {second.name!r} have different architectures; "
@@ -120,7 +119,8 @@ def generation_steps(new_tokens: Int[Tensor, "batch new"], stop: Sequence[int]) 
 def contrast_batches(
     generator: Subject,
     prompts: Sequence[str],
-    positions: Positions = "completion",
+    *,
+    tokens: ContrastTokens = "completion",
     max_new_tokens: int = 32,
     batch_size: int = 8,
     chat: bool = True,
@@ -133,18 +133,18 @@ def contrast_batches(
     (whose output is never computed while generating), and ``selected`` marks the prompt's last
     position and every fed-back answer token.
     """
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    if positions == "completion" and max_new_tokens < 1:
+    if tokens not in CONTRAST_TOKENS:
+        raise ValueError(f"tokens must be one of {CONTRAST_TOKENS}, got {tokens!r}")
+    if tokens == "completion" and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     stop = stop_ids(generator)
     pad = generator.tokenizer.pad_token_id
-    for batch in batches(generator, prompts, batch_size, chat=chat, system=system, desc=desc):
+    for batch in batches(generator, prompts, batch_size=batch_size, chat=chat, system=system, desc=desc):
         ids, mask = batch.input_ids, batch.attention_mask
-        if positions == "prompt":
+        if tokens == "prompt":
             yield ContrastBatch(batch.order, ids, mask, mask.bool(), ids[:, :0])
             continue
-        if positions == "prompt_last":
+        if tokens == "prompt_last":
             selected = torch.zeros_like(mask, dtype=torch.bool)
             selected[:, -1] = True
             yield ContrastBatch(batch.order, ids, mask, selected, ids[:, :0])
@@ -184,7 +184,7 @@ class ContrastScores:
     @property
     def n_neurons(self) -> int:
         """Neurons scored (all neurons of the scored kinds)."""
-        return total_neurons(self.arch, self.kinds)
+        return total_neurons(self.arch, kinds=self.kinds)
 
     def top(
         self,
@@ -224,7 +224,7 @@ class ContrastScores:
             "fraction": fraction,
             "per_kind": per_kind,
             "kinds": list(self.kinds),
-            **{key: self.config.get(key) for key in ("positions", "aligned", "unaligned", "generator")},
+            **{key: self.config.get(key) for key in ("tokens", "aligned", "unaligned", "generator")},
         }
         return NeuronSet.from_masks(self.arch, masks, name=name, metadata=metadata)
 
@@ -266,7 +266,7 @@ class ContrastScores:
             line_dash="statistic",
             markers=True,
             title=title
-            or f"activation contrast per layer ({self.n_tokens} {self.config.get('positions')} tokens)",
+            or f"activation contrast per layer ({self.n_tokens} {self.config.get('tokens')} tokens)",
         )
         return fig.update_layout(yaxis_title="RMS activation difference")
 
@@ -312,7 +312,7 @@ class ContrastScores:
     def __repr__(self) -> str:
         return (
             f"ContrastScores({', '.join(self.kinds)}; {self.n_prompts} prompts, {self.n_tokens} "
-            f"{self.config.get('positions', '')} tokens)"
+            f"{self.config.get('tokens', '')} tokens)"
         )
 
 
@@ -321,7 +321,8 @@ def contrast_activations(
     aligned: Subject,
     unaligned: Subject,
     prompts: Sequence[str],
-    positions: Positions = "completion",
+    *,
+    tokens: ContrastTokens = "completion",
     kinds: Sequence[Kind] = DEFAULT_KINDS,
     generator: Literal["aligned", "unaligned"] = "aligned",
     max_new_tokens: int = 32,
@@ -336,14 +337,14 @@ def contrast_activations(
         aligned, unaligned: models of the same architecture and tokenizer (e.g. an SN-Tuned model
             and its original).
         prompts: user prompts, rendered with the chat template unless ``chat=False``.
-        positions: ``"completion"`` (generation steps of ``generator``'s greedy answer, the
+        tokens: ``"completion"`` (generation steps of ``generator``'s greedy answer, the
             paper's setting), ``"prompt"`` or ``"prompt_last"``; see the module docstring.
         kinds: neuron kinds to score (any of ``q, k, v, o, ffn``).
         generator: the model whose greedy answer both models read (``"completion"`` only).
         max_new_tokens: answer length for ``"completion"``.
     """
     prompts = check_prompts(prompts)
-    check_pair(aligned, unaligned, "aligned and unaligned models")
+    check_pair(aligned, unaligned, what="aligned and unaligned models")
     kinds = check_kinds(kinds)
     if generator not in ("aligned", "unaligned"):
         raise ValueError(f"generator must be 'aligned' or 'unaligned', got {generator!r}")
@@ -375,7 +376,16 @@ def contrast_activations(
     responses = [""] * len(prompts)
     stop = stop_ids(gen)
     desc = "activation contrast" if progress else None
-    for batch in contrast_batches(gen, prompts, positions, max_new_tokens, batch_size, chat, system, desc):
+    for batch in contrast_batches(
+        gen,
+        prompts,
+        tokens=tokens,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat=chat,
+        system=system,
+        desc=desc,
+    ):
         selected = batch.selected
         with aligned.tl.hooks(fwd_hooks=[(name, capture) for name in sites]):
             aligned.tl(batch.input_ids, attention_mask=batch.attention_mask, return_type=None)
@@ -391,12 +401,12 @@ def contrast_activations(
     if all(float(s.abs().max()) == 0 for s in sum_sq.values()):
         logger.warning("%s and %s give identical activations: every score is 0", aligned.name, unaligned.name)
     config = {
-        "positions": positions,
+        "tokens": tokens,
         "kinds": list(kinds),
         "generator": generator,
         "aligned": aligned.name,
         "unaligned": unaligned.name,
-        "max_new_tokens": max_new_tokens if positions == "completion" else 0,
+        "max_new_tokens": max_new_tokens if tokens == "completion" else 0,
         "chat": chat,
         "system": system,
     }
@@ -407,7 +417,7 @@ def contrast_activations(
         mean_unaligned={k: (sum_b[k] / count).float() for k in kinds},
         n_tokens=count,
         n_prompts=len(prompts),
-        responses=responses if positions == "completion" else [],
+        responses=responses if tokens == "completion" else [],
         config=config,
     )
 
@@ -481,6 +491,7 @@ def _membership(frame: pd.DataFrame, neurons: NeuronSet) -> np.ndarray:
 def alignment_tax(
     safety: ContrastScores,
     helpfulness: ContrastScores,
+    *,
     k: int | None = None,
     fraction: float | None = None,
     per_kind: bool = False,

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from safety_circuits import data
-from safety_circuits._io import TableResult, load_tensors, save_tensors
+from safety_circuits._io import Record, TableResult, load_tensors, save_tensors
 from safety_circuits.activations import activations_at, check_prompts, fits_context
 from safety_circuits.neurons import NeuronSet, check_arch
 from safety_circuits.probing import cross_validate, site_hook
@@ -130,7 +130,7 @@ class NeuronFeatures:
         self.name = self.name or self.neurons.name or "neurons"
 
     def hooks(self, subject: Subject) -> list[str]:
-        check_arch(self.neurons.arch, subject.arch, f"features {self.name!r}")
+        check_arch(self.neurons.arch, subject.arch, what=f"features {self.name!r}")
         return self.neurons.hooks()
 
     def matrix(self, acts, prompts, train, y):
@@ -213,7 +213,7 @@ def bag_of_words(prompts: Sequence[str], vocabulary: Sequence[str]) -> np.ndarra
     return x
 
 
-def vocabulary_of(prompts: Sequence[str], min_count: int = 1) -> list[str]:
+def vocabulary_of(prompts: Sequence[str], *, min_count: int = 1) -> list[str]:
     """The words and bigrams of ``prompts`` seen in at least ``min_count`` of them, sorted."""
     counts: dict[str, int] = {}
     for prompt in prompts:
@@ -234,7 +234,9 @@ class TextFeatures:
         return []
 
     def matrix(self, acts, prompts, train, y):
-        vocabulary = vocabulary_of([p for p, t in zip(prompts, train, strict=True) if t], self.min_count)
+        vocabulary = vocabulary_of(
+            [p for p, t in zip(prompts, train, strict=True) if t], min_count=self.min_count
+        )
         return bag_of_words(prompts, vocabulary), {"n_features": len(vocabulary)}
 
 
@@ -278,7 +280,7 @@ class TextDetector:
         y = np.asarray(labels)
         if y.shape != (len(prompts),) or set(np.unique(y)) != {0, 1}:
             raise ValueError("labels must be one 0 or 1 per prompt, with both classes present")
-        self.vocabulary = vocabulary_of(prompts, self.min_count)
+        self.vocabulary = vocabulary_of(prompts, min_count=self.min_count)
         model = LogisticRegression(C=self.C, class_weight="balanced", max_iter=5000)
         model.fit(bag_of_words(prompts, self.vocabulary), y)
         self.coef_, self.intercept_ = model.coef_[0].astype(np.float64), float(model.intercept_[0])
@@ -401,22 +403,36 @@ class CrossSuiteResult(TableResult):
         )
 
 
-def suite_rows(
-    trainings: Sequence[Training] = TRAININGS,
-    test_harmful: Sequence[str] = TEST_HARMFUL,
-    test_harmless: Sequence[str] = TEST_HARMLESS,
-    per_suite: int | None = 60,
-    test_per_suite: int | None = None,
-    seed: int = 0,
-) -> pd.DataFrame:
+@dataclass
+class CrossSuiteConfig(Record):
+    """Options of :func:`cross_suite` and :func:`suite_rows`: the ``trainings``, the suites tested
+    (``test_harmful`` against each of ``test_harmless``), the prompts read (``per_suite`` from each
+    validation split the trainings use, ``test_per_suite`` from each test split; None: all, drawn
+    with ``seed``), the logistic regression's ``C``, the operating point ``tpr`` and batching."""
+
+    trainings: Sequence[Training] = TRAININGS
+    test_harmful: Sequence[str] = TEST_HARMFUL
+    test_harmless: Sequence[str] = TEST_HARMLESS
+    per_suite: int | None = 60
+    test_per_suite: int | None = None
+    C: float = 0.1
+    tpr: float = 0.95
+    batch_size: int = 16
+    chat: bool = True
+    seed: int = 0
+
+
+def suite_rows(config: CrossSuiteConfig | None = None, **options: Any) -> pd.DataFrame:
     """The prompts :func:`cross_suite` reads from the held-out suites (:func:`data.suite`): text,
     suite, split and label (1: harmful suite), ``per_suite`` drawn from each validation split the
-    trainings use and ``test_per_suite`` from each test split (None: all)."""
-    train_suites = sorted({s for t in trainings for s in (*t.positives, *t.negatives)})
+    trainings use and ``test_per_suite`` from each test split (None: all). ``options`` set fields
+    of ``config`` (:class:`CrossSuiteConfig`)."""
+    cfg = CrossSuiteConfig.resolve(config, **options)
+    train_suites = sorted({s for t in cfg.trainings for s in (*t.positives, *t.negatives)})
     return pd.concat(
         [
-            _split_rows(train_suites, "validation", per_suite, seed),
-            _split_rows([*test_harmful, *test_harmless], "test", test_per_suite, seed),
+            _split_rows(train_suites, "validation", cfg.per_suite, cfg.seed),
+            _split_rows([*cfg.test_harmful, *cfg.test_harmless], "test", cfg.test_per_suite, cfg.seed),
         ],
         ignore_index=True,
     )
@@ -435,30 +451,26 @@ def _split_rows(suites: Sequence[str], split: data.EvalSplit, n: int | None, see
 def cross_suite(
     subject: Subject,
     features: Sequence[FeatureFamily],
-    trainings: Sequence[Training] = TRAININGS,
-    test_harmful: Sequence[str] = TEST_HARMFUL,
-    test_harmless: Sequence[str] = TEST_HARMLESS,
-    per_suite: int | None = 60,
-    test_per_suite: int | None = None,
-    C: float = 0.1,
-    tpr: float = 0.95,
-    batch_size: int = 16,
-    chat: bool = True,
-    seed: int = 0,
+    *,
+    config: CrossSuiteConfig | None = None,
     rows: pd.DataFrame | None = None,
+    **options: Any,
 ) -> CrossSuiteResult:
     """Fit each feature family on each training's validation splits and score every harmful
-    suite's test split against each harmless one's. The prompts are :func:`suite_rows`
-    (``per_suite``, ``test_per_suite``), or ``rows`` of one's own (columns text, suite, split,
-    label). The model reads every prompt once; prompts longer than its context are left out (a
-    warning, and their count per suite in ``config["too_long"]``)."""
+    suite's test split against each harmless one's. The prompts are :func:`suite_rows`, or
+    ``rows`` of one's own (columns text, suite, split, label). ``options`` set fields of
+    ``config`` (:class:`CrossSuiteConfig`). The model reads every prompt once; prompts longer than
+    its context are left out (a warning, and their count per suite in ``config["too_long"]``)."""
+    cfg = CrossSuiteConfig.resolve(config, **options)
+    trainings, test_harmful, test_harmless = cfg.trainings, cfg.test_harmful, cfg.test_harmless
+    chat, seed = cfg.chat, cfg.seed
     if not features or not trainings:
         raise ValueError("give at least one feature family and one training")
     names = [f.name for f in features]
     if len(set(names)) != len(names):
         raise ValueError(f"feature families need distinct names, got {names}")
     if rows is None:
-        rows = suite_rows(trainings, test_harmful, test_harmless, per_suite, test_per_suite, seed)
+        rows = suite_rows(cfg)
     fits = np.asarray(fits_context(subject, rows["text"].tolist(), chat=chat))
     dropped = rows.loc[~fits, "suite"].value_counts().to_dict()
     if dropped:
@@ -470,7 +482,7 @@ def cross_suite(
     acts = (
         {
             k: v[:, 0]
-            for k, v in activations_at(subject, prompts, hooks, batch_size=batch_size, chat=chat).items()
+            for k, v in activations_at(subject, prompts, hooks, batch_size=cfg.batch_size, chat=chat).items()
         }
         if hooks
         else {}
@@ -485,13 +497,13 @@ def cross_suite(
                 if positives not in scored:
                     train = validation & rows["suite"].isin([*positives, *training.negatives]).to_numpy()
                     x, info = family.matrix(acts, prompts, train, y)
-                    scored[positives] = (_fit_score(x, y, train, C), info)
+                    scored[positives] = (_fit_score(x, y, train, cfg.C), info)
                 proba, info = scored[positives]
                 pos = proba[test & (rows["suite"] == suite).to_numpy()]
                 for negatives in test_harmless:
                     neg = proba[test & (rows["suite"] == negatives).to_numpy()]
                     sep = separation(
-                        np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg], tpr=tpr, seed=seed
+                        np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg], tpr=cfg.tpr, seed=seed
                     )
                     results.append(
                         {
@@ -505,16 +517,16 @@ def cross_suite(
                         }
                     )
             logger.info("cross_suite: %s / %s done", family.name, training.name)
-    config = {
+    record = {
         "subject": subject.name,
-        "per_suite": per_suite,
-        "C": C,
-        "tpr": tpr,
+        "per_suite": cfg.per_suite,
+        "C": cfg.C,
+        "tpr": cfg.tpr,
         "chat": chat,
         "seed": seed,
         "too_long": dropped,  # prompts left out per suite: longer than the model's context
     }
-    return CrossSuiteResult(pd.DataFrame(results), config)
+    return CrossSuiteResult(pd.DataFrame(results), record)
 
 
 def _check_rows(rows: pd.DataFrame, trainings: Sequence[Training], tested: Sequence[str]) -> None:

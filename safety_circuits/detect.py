@@ -35,6 +35,7 @@ DEFAULT_QUANTILE = 0.99
 
 def select_neurons(
     importance: Importance,
+    *,
     eps: float | dict[Kind, float] | None = None,
     quantile: float | None = None,
     top_k: int | None = None,
@@ -54,6 +55,7 @@ def select_neurons(
 def find_neurons(
     subject: Subject,
     prompts: Sequence[str],
+    *,
     eps: float | dict[Kind, float] | None = None,
     rule: Rule = "all",
     quantile: float | None = None,
@@ -72,6 +74,7 @@ def find_neurons(
 def find_safety_neurons(
     subject: Subject,
     harmful_prompts: Sequence[str],
+    *,
     eps: float | dict[Kind, float] | None = None,
     rule: Rule = "all",
     **kwargs: Any,
@@ -91,6 +94,7 @@ def find_safety_neurons(
 def find_foundation_neurons(
     subject: Subject,
     general_texts: Sequence[str],
+    *,
     eps: float | dict[Kind, float] | None = None,
     rule: Rule = "all",
     **kwargs: Any,
@@ -104,7 +108,7 @@ def _check_contrast(harmful: Importance, harmless: Importance) -> None:
         raise ValueError("the harmful and harmless importances come from different architectures")
     if harmful.kinds != harmless.kinds:
         raise ValueError(f"kinds differ: {harmful.kinds} (harmful) vs {harmless.kinds} (harmless)")
-    for key in ("chat", "positions"):
+    for key in ("chat", "scope"):
         mine, theirs = harmful.config.get(key), harmless.config.get(key)
         if mine != theirs:
             raise ValueError(
@@ -116,6 +120,7 @@ def _check_contrast(harmful: Importance, harmless: Importance) -> None:
 def contrastive_neurons(
     harmful: Importance,
     harmless: Importance,
+    *,
     quantile: float = DEFAULT_QUANTILE,
     exclude: Rule = "all",
 ) -> NeuronSet:
@@ -129,7 +134,7 @@ def contrastive_neurons(
     ``exclude="all"`` drops the neurons important for *every* harmless prompt (the chat
     template, the system turn, attention sinks); ``exclude="any"`` also those important for
     *some* harmless prompt (stricter). Both importances must use the same chat rendering and
-    positions.
+    scope.
     """
     _check_contrast(harmful, harmless)
     if exclude not in ("all", "any"):
@@ -168,7 +173,7 @@ def contrast_scores(harmful: Importance, harmless: Importance) -> dict[Kind, Ten
 
 
 def scored_neurons(
-    harmful: Importance, harmless: Importance, quantile: float = DEFAULT_QUANTILE
+    harmful: Importance, harmless: Importance, *, quantile: float = DEFAULT_QUANTILE
 ) -> NeuronSet:
     """The neurons whose :func:`contrast_scores` is at least the ``quantile`` of their kind's
     scores: the share ``1 − quantile`` of each kind most specific to the harmful prompts (or, given
@@ -197,6 +202,7 @@ def robust_safety_neurons(safety: NeuronSet, foundation: NeuronSet) -> NeuronSet
 
 def corpus_size_stability(
     importance: Importance,
+    *,
     sizes: Sequence[int] | None = None,
     seed: int = 0,
     **selection: Any,

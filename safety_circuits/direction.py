@@ -38,14 +38,16 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safety_circuits._io import Record
 from safety_circuits.ablation import mean_kl, next_token_logprobs
-from safety_circuits.activations import activations_at, check_positions, check_prompts, render, tokenize
+from safety_circuits.activations import activations_at, check_prompts, render, tokenize
 from safety_circuits.architecture import Architecture
 from safety_circuits.evaluate import attack_success_rate, over_refusal_rate
 from safety_circuits.families import adapter
-from safety_circuits.neurons import HookFn, NeuronSet, ablate, check_arch
+from safety_circuits.neurons import HookFn, NeuronSet, ablate, check_neurons
 from safety_circuits.stats import kl_divergence
 from safety_circuits.tracing import Metric, common_suffix_length, default_metric, last_token_logits
+from safety_circuits.vocabulary import check_offsets
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -57,8 +59,8 @@ def _resid_pre(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre"
 
 
-def suffix_positions(subject: Subject, prompts: Sequence[str], chat: bool = True) -> list[int]:
-    """Positions (from the end) of the tokens every rendered prompt ends with, e.g. the chat
+def suffix_offsets(subject: Subject, prompts: Sequence[str], *, chat: bool = True) -> list[int]:
+    """Offsets (from the end) of the tokens every rendered prompt ends with, e.g. the chat
     template's assistant header; ``[-1]`` when they share none."""
     ids = tokenize(subject, render(subject, prompts, chat=chat))
     k = max(1, common_suffix_length(ids))
@@ -69,7 +71,8 @@ def diff_in_means(
     subject: Subject,
     harmful: Sequence[str],
     harmless: Sequence[str],
-    positions: Sequence[int] | None = None,
+    *,
+    offsets: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
     chat: bool = True,
@@ -77,13 +80,13 @@ def diff_in_means(
 ) -> Float[Tensor, "pos layer d_model"]:
     """``mean(harmful) − mean(harmless)`` of ``hook_resid_pre`` per position and layer.
 
-    ``positions`` default to the tokens all prompts end with (:func:`suffix_positions`).
+    ``offsets`` default to the tokens all prompts end with (:func:`suffix_offsets`).
     """
-    harmful, harmless = check_prompts(harmful, "harmful"), check_prompts(harmless, "harmless")
-    positions = check_positions(positions or suffix_positions(subject, harmful + harmless, chat))
+    harmful, harmless = check_prompts(harmful, what="harmful"), check_prompts(harmless, what="harmless")
+    offsets = check_offsets(offsets or suffix_offsets(subject, harmful + harmless, chat=chat))
     layers = subject.arch.check_layers(layers)
     names = [_resid_pre(layer) for layer in layers]
-    kwargs = {"positions": positions, "batch_size": batch_size, "chat": chat}
+    kwargs = {"offsets": offsets, "batch_size": batch_size, "chat": chat}
     a = activations_at(subject, harmful, names, desc="directions (harmful)" if progress else None, **kwargs)
     b = activations_at(subject, harmless, names, desc="directions (harmless)" if progress else None, **kwargs)
     return torch.stack([a[n].mean(0) - b[n].mean(0) for n in names], dim=1)
@@ -118,7 +121,7 @@ def directional_ablation_hooks(
 
 
 def activation_addition_hooks(
-    direction: Float[Tensor, " d_model"], layer: int, coeff: float = 1.0
+    direction: Float[Tensor, " d_model"], layer: int, *, coeff: float = 1.0
 ) -> list[tuple[str, HookFn]]:
     """A TL hook adding ``coeff · direction`` to the input of ``layer`` at every position."""
     vector = direction.detach().float().flatten()
@@ -179,13 +182,13 @@ class RefusalDirection:
     """The selected difference-in-means direction and the scores of every candidate.
 
     ``vector`` is the raw (unnormalised) difference in means at ``layer``'s input and
-    ``position``; ``candidates`` has one row per candidate: ``position``, ``layer``, ``norm``,
+    ``offset`` (from the end); ``candidates`` has one row per candidate: ``offset``, ``layer``, ``norm``,
     ``bypass``, ``induce``, ``kl``, ``passes`` (all filters) and ``selected``.
     """
 
     vector: Float[Tensor, " d_model"]
     layer: int
-    position: int
+    offset: int
     candidates: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -197,7 +200,7 @@ class RefusalDirection:
         return directional_ablation_hooks(self.vector, n_layers or int(self.config["n_layers"]))
 
     def addition_hooks(self, coeff: float = 1.0) -> list[tuple[str, HookFn]]:
-        return activation_addition_hooks(self.vector, self.layer, coeff)
+        return activation_addition_hooks(self.vector, self.layer, coeff=coeff)
 
     @contextmanager
     def ablate(self, subject: Subject) -> Iterator[Subject]:
@@ -219,20 +222,20 @@ class RefusalDirection:
         return self.candidates.copy()
 
     def plot(self, value: str = "bypass", title: str | None = None) -> go.Figure:
-        """Heatmap of a candidate score over layers (x) and positions (y); the chosen one circled."""
-        grid = self.candidates.pivot_table(index="position", columns="layer", values=value, dropna=False)
+        """Heatmap of a candidate score over layers (x) and offsets (y); the chosen one circled."""
+        grid = self.candidates.pivot_table(index="offset", columns="layer", values=value, dropna=False)
         fig = px.imshow(
             grid.to_numpy(dtype=float),
             x=[str(c) for c in grid.columns],
             y=[str(i) for i in grid.index],
             color_continuous_scale="Viridis",
             aspect="auto",
-            labels={"x": "layer", "y": "position", "color": value},
+            labels={"x": "layer", "y": "offset", "color": value},
         )
         fig.add_trace(
             go.Scatter(
                 x=[str(self.layer)],
-                y=[str(self.position)],
+                y=[str(self.offset)],
                 mode="markers",
                 marker={"symbol": "circle-open", "size": 18, "color": "red", "line": {"width": 3}},
                 name="selected",
@@ -244,7 +247,7 @@ class RefusalDirection:
         return {
             "vector": self.vector.tolist(),
             "layer": self.layer,
-            "position": self.position,
+            "offset": self.offset,
             "candidates": self.candidates.to_dict("records"),
             "config": self.config,
         }
@@ -254,19 +257,19 @@ class RefusalDirection:
         return cls(
             torch.tensor(d["vector"]),
             int(d["layer"]),
-            int(d["position"]),
+            int(d["offset"]),
             pd.DataFrame(d["candidates"]),
             dict(d["config"]),
         )
 
     def __repr__(self) -> str:
         norm = float(self.vector.norm())
-        return f"RefusalDirection(layer {self.layer}, position {self.position}, norm {norm:.3g})"
+        return f"RefusalDirection(layer {self.layer}, offset {self.offset}, norm {norm:.3g})"
 
 
 def _mean_score(subject, prompts, metric, hooks, batch_size, chat) -> tuple[float, Tensor]:
     with subject.tl.hooks(fwd_hooks=hooks):
-        logits = last_token_logits(subject, prompts, batch_size, chat)
+        logits = last_token_logits(subject, prompts, batch_size=batch_size, chat=chat)
     return float(metric(logits).mean()), logits.log_softmax(-1)
 
 
@@ -287,47 +290,67 @@ def _choose(frame: pd.DataFrame, max_kl: float | None) -> tuple[int, list[str]]:
         relaxed.append(names.pop())
 
 
+@dataclass
+class DirectionConfig(Record):
+    """Options of :func:`find_refusal_direction`: the candidates (``offsets`` from the end,
+    default the tokens all prompts end with; ``layers``, default all) and the filters (a candidate
+    at or beyond ``max_layer_fraction`` of the depth is chosen only when no earlier one passes;
+    ``max_kl`` caps the KL its ablation causes on harmless prompts, ``None`` skips that pass)."""
+
+    offsets: Sequence[int] | None = None
+    layers: Sequence[int] | None = None
+    max_layer_fraction: float = 0.8
+    max_kl: float | None = 0.1
+    batch_size: int = 8
+    chat: bool = True
+
+
 def find_refusal_direction(
     subject: Subject,
     harmful: Sequence[str],
     harmless: Sequence[str],
+    *,
     harmful_val: Sequence[str] | None = None,
     harmless_val: Sequence[str] | None = None,
-    positions: Sequence[int] | None = None,
-    layers: Sequence[int] | None = None,
-    max_layer_fraction: float = 0.8,
-    max_kl: float | None = 0.1,
+    config: DirectionConfig | None = None,
     metric: Metric | None = None,
-    batch_size: int = 8,
-    chat: bool = True,
     progress: bool = True,
+    **options: Any,
 ) -> RefusalDirection:
     """Difference-in-means candidates from ``harmful`` / ``harmless``, scored on the validation
-    prompts (default: the same ones) and selected as described in the module doc.
-
-    ``positions`` (from the end) default to the tokens all prompts end with; ``layers`` to all.
-    Candidates at or beyond ``max_layer_fraction`` of the depth are scored but only chosen when no
-    earlier one passes the other filters; zero candidates (e.g. layer 0 on template tokens every
-    prompt shares) are not scored. ``max_kl=None`` skips the KL filter (one pass less each).
+    prompts (default: the same ones) and selected as described in the module doc. ``options``
+    set fields of ``config`` (:class:`DirectionConfig`), e.g. ``layers=[4, 5]``. Zero candidates
+    (e.g. layer 0 on template tokens every prompt shares) are not scored.
     """
-    harmful, harmless = check_prompts(harmful, "harmful"), check_prompts(harmless, "harmless")
-    harmful_val = check_prompts(harmful_val if harmful_val is not None else harmful, "harmful_val")
-    harmless_val = check_prompts(harmless_val if harmless_val is not None else harmless, "harmless_val")
+    cfg = DirectionConfig.resolve(config, **options)
+    max_kl, batch_size, chat = cfg.max_kl, cfg.batch_size, cfg.chat
+    harmful, harmless = check_prompts(harmful, what="harmful"), check_prompts(harmless, what="harmless")
+    harmful_val = check_prompts(harmful_val if harmful_val is not None else harmful, what="harmful_val")
+    harmless_val = check_prompts(harmless_val if harmless_val is not None else harmless, what="harmless_val")
     n_layers = subject.arch.n_layers
-    positions = check_positions(positions or suffix_positions(subject, harmful + harmless, chat))
-    layers = subject.arch.check_layers(layers)
-    metric = default_metric(subject, metric)
-    means = diff_in_means(subject, harmful, harmless, positions, layers, batch_size, chat, progress)
+    offsets = check_offsets(cfg.offsets or suffix_offsets(subject, harmful + harmless, chat=chat))
+    layers = subject.arch.check_layers(cfg.layers)
+    metric = default_metric(subject, metric=metric)
+    means = diff_in_means(
+        subject,
+        harmful,
+        harmless,
+        offsets=offsets,
+        layers=layers,
+        batch_size=batch_size,
+        chat=chat,
+        progress=progress,
+    )
     base_harmful, _ = _mean_score(subject, harmful_val, metric, [], batch_size, chat)
     base_harmless, base_logp = _mean_score(subject, harmless_val, metric, [], batch_size, chat)
     floor = 1e-6 * float(means.norm(dim=-1).max())
     rows = []
-    grid = [(i, j) for i in range(len(positions)) for j in range(len(layers))]
+    grid = [(i, j) for i in range(len(offsets)) for j in range(len(layers))]
     for i, j in tqdm(grid, desc="refusal-direction candidates", disable=not progress, leave=False):
         vector, layer = means[i, j], layers[j]
-        row = {"position": positions[i], "layer": layer, "norm": float(vector.norm())}
+        row = {"offset": offsets[i], "layer": layer, "norm": float(vector.norm())}
         row |= {"bypass": float("nan"), "induce": float("nan"), "kl": float("nan")}
-        row["early_enough"] = layer < max_layer_fraction * n_layers
+        row["early_enough"] = layer < cfg.max_layer_fraction * n_layers
         rows.append(row)
         if row["norm"] <= floor:
             continue
@@ -346,28 +369,29 @@ def find_refusal_direction(
     frame["passes"] = frame["early_enough"] & (frame["induce"] > 0) & kl_ok
     frame["selected"] = frame.index == best
     chosen = frame.loc[best]
-    i, j = positions.index(int(chosen["position"])), layers.index(int(chosen["layer"]))
-    config = {
+    i, j = offsets.index(int(chosen["offset"])), layers.index(int(chosen["layer"]))
+    record = {
         "n_layers": n_layers,
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
-        "max_layer_fraction": max_layer_fraction,
+        "max_layer_fraction": cfg.max_layer_fraction,
         "max_kl": max_kl,
         "relaxed_filters": relaxed,
         "baseline_harmful": base_harmful,
         "baseline_harmless": base_harmless,
         "model": subject.name,
     }
-    return RefusalDirection(means[i, j].clone(), int(chosen["layer"]), int(chosen["position"]), frame, config)
+    return RefusalDirection(means[i, j].clone(), int(chosen["layer"]), int(chosen["offset"]), frame, record)
 
 
 # -- direction vs safety neurons ------------------------------------------------------------
 def compare_with_neurons(
     subject: Subject,
-    direction: RefusalDirection,
-    neurons: NeuronSet,
     harmful: Sequence[str],
     harmless: Sequence[str],
+    direction: RefusalDirection,
+    neurons: NeuronSet,
+    *,
     max_new_tokens: int = 32,
     random_control: bool = True,
     seed: int = 0,
@@ -378,10 +402,10 @@ def compare_with_neurons(
     next-token distributions at every position) for: the original model, the direction ablated,
     the safety ``neurons`` deactivated (zeroed), random neurons of the same counts per layer and
     kind (with ``random_control``), and the direction added at its layer."""
-    check_arch(neurons.arch, subject.arch)
-    harmful, harmless = check_prompts(harmful, "harmful"), check_prompts(harmless, "harmless")
-    metric = default_metric(subject, metric)
-    reference = next_token_logprobs(subject, harmless, batch_size)
+    check_neurons(neurons, subject)
+    harmful, harmless = check_prompts(harmful, what="harmful"), check_prompts(harmless, what="harmless")
+    metric = default_metric(subject, metric=metric)
+    reference = next_token_logprobs(subject, harmless, batch_size=batch_size)
     settings: list[tuple[str, str, Any]] = [
         ("original", "-", None),
         ("ablate direction", f"1 direction (layer {direction.layer})", lambda: direction.ablate(subject)),
@@ -399,8 +423,12 @@ def compare_with_neurons(
     kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "progress": False}
     for name, size, context in settings:
         with context() if context is not None else nullcontext():
-            logp = reference if context is None else next_token_logprobs(subject, harmless, batch_size)
-            harmful_logits = last_token_logits(subject, harmful, batch_size)
+            logp = (
+                reference
+                if context is None
+                else next_token_logprobs(subject, harmless, batch_size=batch_size)
+            )
+            harmful_logits = last_token_logits(subject, harmful, batch_size=batch_size)
             rows.append(
                 {
                     "setting": name,

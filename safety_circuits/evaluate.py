@@ -205,7 +205,7 @@ class HFDecoder(Decoder):
         return out.logits[:, -1]
 
 
-def decoder_for(subject: Subject, use: Use = "tl") -> Decoder:
+def decoder_for(subject: Subject, *, use: Use = "tl") -> Decoder:
     """The decoder that runs ``subject.tl`` (hooks apply) or ``subject.hf`` (weight edits apply)."""
     if use == "hf":
         return HFDecoder(subject.hf)
@@ -264,6 +264,7 @@ def greedy_decode(
 def generate(
     subject: Subject,
     prompts: Sequence[str],
+    *,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     use: Use = "tl",
@@ -272,13 +273,23 @@ def generate(
     progress: bool = True,
 ) -> list[str]:
     """Greedy responses to ``prompts`` (rendered with the chat template), in input order."""
-    ids = generate_ids(subject, prompts, max_new_tokens, batch_size, use, chat, system, progress)
+    ids = generate_ids(
+        subject,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        use=use,
+        chat=chat,
+        system=system,
+        progress=progress,
+    )
     return [response_text(subject, x) for x in ids]
 
 
 def generate_ids(
     subject: Subject,
     prompts: Sequence[str],
+    *,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     use: Use = "tl",
@@ -294,9 +305,9 @@ def generate_ids(
     pad = subject.tokenizer.pad_token_id
     out: list[list[int]] = [[] for _ in prompts]
     desc = f"generating ({use})" if progress else None
-    for batch in batches(subject, prompts, batch_size, chat=chat, system=system, desc=desc):
+    for batch in batches(subject, prompts, batch_size=batch_size, chat=chat, system=system, desc=desc):
         new = greedy_decode(
-            decoder_for(subject, use), batch.input_ids, batch.attention_mask, max_new_tokens, stop, pad
+            decoder_for(subject, use=use), batch.input_ids, batch.attention_mask, max_new_tokens, stop, pad
         )
         for i, ids in zip(batch.order, response_ids(subject, new, stop), strict=True):
             out[i] = ids
@@ -347,6 +358,8 @@ def _refusal_eval(metric, subject, prompts, **kwargs) -> RefusalEval:
 
 def attack_success_rate(subject: Subject, prompts: Sequence[str], **generate_kwargs: Any) -> RefusalEval:
     """ASR on harmful ``prompts``: the share answered rather than refused (greedy, keyword judge).
+    ``generate_kwargs`` go to :func:`generate` (``max_new_tokens``, ``batch_size``, ``use``,
+    ``chat``, ``system``, ``progress``).
 
     >>> from safety_circuits.testing import tiny_subject
     >>> subject = tiny_subject("llama")
@@ -360,7 +373,8 @@ def attack_success_rate(subject: Subject, prompts: Sequence[str], **generate_kwa
 def over_refusal_rate(
     subject: Subject, harmless_prompts: Sequence[str], **generate_kwargs: Any
 ) -> RefusalEval:
-    """Over-refusal on harmless prompts: the share the model refuses."""
+    """Over-refusal on harmless prompts: the share the model refuses (``generate_kwargs`` as in
+    :func:`attack_success_rate`)."""
     return _refusal_eval("over_refusal", subject, harmless_prompts, **generate_kwargs)
 
 
@@ -486,6 +500,7 @@ def _judged(frame: pd.DataFrame, responses: list[str], judge: str, model: str) -
 def evaluate_suites(
     subject: Subject,
     suites: Sequence[Suite],
+    *,
     split: EvalSplit = "test",
     n: int | None = None,
     seed: int = 0,
@@ -494,7 +509,8 @@ def evaluate_suites(
     **generate_kwargs: Any,
 ) -> SuiteEval:
     """Greedy responses of ``subject`` to each suite's ``split`` (``n`` prompts a suite, drawn
-    by ``seed``; all with None), generated in one pass and judged by ``judge``."""
+    by ``seed``; all with None), generated in one pass and judged by ``judge``. ``generate_kwargs``
+    go to :func:`generate`."""
     frame = _suite_prompts(suites, split, n, seed)
     responses = generate(subject, frame["prompt"].tolist(), **generate_kwargs)
     config = {"split": split, "n": n, "seed": seed, "judge": judge, **generate_kwargs}
@@ -505,6 +521,7 @@ def evaluate_suites(
 def budget_curve(
     subject: Subject,
     suites: Sequence[Suite],
+    *,
     budgets: Sequence[int] = (16, 32, 64, 128),
     split: EvalSplit = "validation",
     n: int | None = None,
@@ -515,7 +532,8 @@ def budget_curve(
 ) -> pd.DataFrame:
     """Each suite's rate when the responses are cut at each budget of new tokens: one greedy
     generation at the largest budget, judged at every prefix (greedy decoding is
-    prefix-consistent). Rows: model, suite, budget, metric, rate, lo, hi, k, n."""
+    prefix-consistent). Rows: model, suite, budget, metric, rate, lo, hi, k, n. ``generate_kwargs``
+    go to :func:`generate_ids`."""
     budgets = sorted({int(b) for b in budgets})
     if not budgets or budgets[0] < 1:
         raise ValueError(f"budgets must be positive token counts, got {budgets}")

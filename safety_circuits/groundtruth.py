@@ -24,7 +24,7 @@ Example:
     >>> planted = NeuronSet(subject.arch, {(1, "ffn"): [3, 9], (0, "v"): [5]})
     >>> scores = {"ffn": torch.zeros(2, subject.arch.d_mlp)}
     >>> scores["ffn"][1, [3, 9]] = 1.0  # a detector that finds the planted FFN neurons only
-    >>> r = recovery(scores, planted, "ffn only")
+    >>> r = recovery(scores, planted, detector="ffn only")
     >>> round(r.precision, 2), round(r.auroc, 3)  # the v neuron ties with every unscored neuron
     (0.67, 0.778)
 """
@@ -60,7 +60,16 @@ from safety_circuits.evaluate import attack_success_rate
 from safety_circuits.families import adapter
 from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.loading import load_model
-from safety_circuits.neurons import KINDS, Kind, NeuronSet, _owned, check_arch, hook_name, kind_size
+from safety_circuits.neurons import (
+    KINDS,
+    Kind,
+    NeuronSet,
+    _owned,
+    check_arch,
+    check_neurons,
+    hook_name,
+    kind_size,
+)
 from safety_circuits.patching import dynamic_patching, restored
 from safety_circuits.stats import auroc_interval, wilson_interval
 from safety_circuits.tracing import first_token_ids, neuron_attribution
@@ -82,11 +91,11 @@ Scores = dict[Kind, Float[Tensor, "layer neuron"]]
 
 # -- the oracle ------------------------------------------------------------------------------
 @torch.no_grad()
-def weight_change(base: Subject, tuned: Subject, kinds: Sequence[Kind] = KINDS) -> Scores:
+def weight_change(base: Subject, tuned: Subject, *, kinds: Sequence[Kind] = KINDS) -> Scores:
     """Per neuron ``[layer, neuron]`` of each kind: the L2 norm of the change, from ``base`` to
     ``tuned``, of the HF entries the neuron owns (:func:`~safety_circuits.neurons.hf_slices`).
     Zero exactly where nothing it owns changed."""
-    check_arch(base.arch, tuned.arch, "tuned model")
+    check_arch(base.arch, tuned.arch, what="tuned model")
     before, after = dict(base.hf.named_parameters()), dict(tuned.hf.named_parameters())
     out: Scores = {}
     for kind in kinds:
@@ -109,7 +118,9 @@ def changed_neurons(base: Subject, tuned: Subject) -> NeuronSet:
 
 
 # -- planted neurons -------------------------------------------------------------------------
-def capitals_documents(subject: Subject, prompts: Sequence[str], max_new_tokens: int = 32) -> list[Document]:
+def capitals_documents(
+    subject: Subject, prompts: Sequence[str], *, max_new_tokens: int = 32
+) -> list[Document]:
     """``subject``'s own greedy answers to ``prompts``, in capitals: a harmless behaviour for a
     distractor set to learn."""
     answers = retain_documents(subject, prompts, max_new_tokens=max_new_tokens)
@@ -157,7 +168,7 @@ class PlantedModel:
         if meta["base"] != base.name:
             logger.warning("%s was planted on %r, read against %r", folder, meta["base"], base.name)
         subject = load_model(str(folder), backend=base.backend, max_ctx=base.max_ctx)
-        check_arch(base.arch, subject.arch, "planted model")
+        check_arch(base.arch, subject.arch, what="planted model")
         sets = {
             name: NeuronSet.load(folder / f"{name}.safetensors", expect=base.arch)
             if (folder / f"{name}.safetensors").exists()
@@ -172,9 +183,10 @@ class PlantedModel:
 
 def plant_neurons(
     subject: Subject,
-    planted: NeuronSet,
     harmful: Sequence[str],
     harmless: Sequence[str],
+    planted: NeuronSet,
+    *,
     distractor: NeuronSet | None = None,
     topic: Sequence[str] | None = None,
     config: TuneConfig | None = None,
@@ -184,21 +196,25 @@ def plant_neurons(
     """SN-Tune refusal into ``planted`` (refusals of ``harmful``, ``subject``'s own answers to
     ``harmless`` retained), then, with ``distractor``, the capitals behaviour on the ``topic``
     prompts into those neurons. Every HF entry outside the two sets stays bit-identical."""
-    check_arch(planted.arch, subject.arch, "planted NeuronSet")
+    check_neurons(planted, subject, what="planted NeuronSet")
     if distractor is not None:
-        check_arch(distractor.arch, subject.arch, "distractor NeuronSet")
+        check_arch(distractor.arch, subject.arch, what="distractor NeuronSet")
         if len(planted & distractor):
             raise ValueError(f"planted and distractor share {len(planted & distractor)} neurons")
         if not topic:
             raise ValueError("a distractor needs the topic prompts it learns to answer in capitals")
     config = config or TuneConfig()
-    retain = retain_documents(subject, check_prompts(harmless, "harmless"), max_new_tokens)
+    retain = retain_documents(
+        subject, check_prompts(harmless, what="harmless"), max_new_tokens=max_new_tokens
+    )
     docs = refusal_documents(harmful) + retain
     start = time.perf_counter()
     tuned = tune(subject, docs, planted, config=config, progress=progress).subject
     record: dict[str, Any] = {"planted": len(planted), "documents": len(docs), "config": config.to_dict()}
     if distractor is not None:
-        topic_docs = capitals_documents(subject, check_prompts(topic, "topic"), max_new_tokens)
+        topic_docs = capitals_documents(
+            subject, check_prompts(topic, what="topic"), max_new_tokens=max_new_tokens
+        )
         tuned = tune(tuned, topic_docs + retain, distractor, config=config, progress=progress).subject
         record["distractor"] = len(distractor)
     record["seconds"] = time.perf_counter() - start
@@ -225,6 +241,7 @@ def plant_direction(
     subject: Subject,
     harmful: Sequence[str],
     harmless: Sequence[str],
+    *,
     layer: int | None = None,
     direction: Float[Tensor, " d_model"] | None = None,
     strength: float = 8.0,
@@ -246,7 +263,7 @@ def plant_direction(
     The model's harmful-minus-harmless difference in means after ``layer`` then points along
     ``r`` (cosine → 1 as ``strength`` grows), which :func:`find_refusal_direction` should find.
     """
-    harmful, harmless = check_prompts(harmful, "harmful"), check_prompts(harmless, "harmless")
+    harmful, harmless = check_prompts(harmful, what="harmful"), check_prompts(harmless, what="harmless")
     arch = subject.arch
     layer = arch.n_layers // 2 if layer is None else layer
     if not 0 <= layer < arch.n_layers - 1:
@@ -369,6 +386,7 @@ class Recovery:
 def recovery(
     scores: Mapping[Kind, Tensor],
     target: NeuronSet,
+    *,
     detector: str = "",
     target_name: str = "planted",
     seconds: float | None = None,
@@ -413,7 +431,9 @@ def _unflat(flat: np.ndarray, arch: Any) -> dict[Kind, Tensor]:
     return out
 
 
-def top_neurons(scores: Mapping[Kind, Tensor], arch: Any, k: int, seed: int = 0, name: str = "") -> NeuronSet:
+def top_neurons(
+    scores: Mapping[Kind, Tensor], arch: Any, k: int, *, seed: int = 0, name: str = ""
+) -> NeuronSet:
     """The ``k`` best-scored neurons as a :class:`NeuronSet` (ties broken as in :func:`recovery`)."""
     flat = np.zeros(sum(arch.n_layers * kind_size(arch, kind) for kind in KINDS), dtype=bool)
     flat[_top_k(_flat(scores, arch), k, seed)] = True
@@ -496,9 +516,11 @@ class RecoveryBenchmark:
     ) -> None:
         self.planted = planted
         self.direction_val = direction_val
-        self.harmful = check_prompts(harmful, "harmful")
-        self.harmless = check_prompts(harmless, "harmless")
-        self.patch_prompts = None if patch_prompts is None else check_prompts(patch_prompts, "patch_prompts")
+        self.harmful = check_prompts(harmful, what="harmful")
+        self.harmless = check_prompts(harmless, what="harmless")
+        self.patch_prompts = (
+            None if patch_prompts is None else check_prompts(patch_prompts, what="patch_prompts")
+        )
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self._cache: dict[str, Importance] = {}
         self._probes: dict[str, Scores] = {}
@@ -553,7 +575,10 @@ class RecoveryBenchmark:
             scores = detector(self)
             seconds = time.perf_counter() - start
             logger.info("detector %r scored in %.1f s", name, seconds)
-            found = [recovery(scores, s, name, target, seconds) for target, s in targets]
+            found = [
+                recovery(scores, s, detector=name, target_name=target, seconds=seconds)
+                for target, s in targets
+            ]
             if reference is not None:
                 asr = self.patched_asr(top_neurons(scores, planted.arch, len(planted), name=name))
                 found[0].asr_patched = asr
@@ -578,8 +603,8 @@ class RecoveryBenchmark:
         return dynamic_patching(
             self.planted.base,
             self.planted.subject,
-            neurons,
             self.patch_prompts,
+            neurons,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
         ).rate
@@ -618,7 +643,7 @@ class RecoveryBenchmark:
             self.planted.subject,
             self.harmful,
             self.harmless,
-            positions=[found.position],
+            offsets=[found.offset],
             layers=[self.planted.layer + 1],
             batch_size=self.batch_size,
             progress=False,
@@ -627,7 +652,7 @@ class RecoveryBenchmark:
             "detector": "refusal direction (difference in means)",
             "cosine": float(found.unit.float().cpu() @ r),
             "layer": found.layer,
-            "position": found.position,
+            "offset": found.offset,
             "planted_layer": self.planted.layer,
             "cosine_after_write": float(after @ r / after.norm()),
             "chance": math.sqrt(2 / (math.pi * r.numel())),

@@ -35,7 +35,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
-from safety_circuits.activations import Positions, batches, check_prompts
+from safety_circuits.activations import batches, check_prompts
 from safety_circuits.architecture import Architecture, check_kinds
 from safety_circuits.families import AttnGeometry, QKNorm, adapter
 from safety_circuits.neurons import (
@@ -145,6 +145,7 @@ def qk_importance(
     k: Float[Tensor, "pos n_kv d_head"],
     geo: AttnGeometry,
     rotary: tuple[Tensor, Tensor] | None,
+    *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     queries: Float[Tensor, " pos"] | None = None,
     norm: QKNorm | None = None,
@@ -383,18 +384,19 @@ def _kind(name: str) -> Kind:
 def neuron_importance(
     subject: Subject,
     prompts: Sequence[str],
+    *,
     kinds: Sequence[Kind] = KINDS,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     batch_size: int = 4,
     chat: bool = True,
     progress: bool = True,
-    positions: Positions = "all",
+    scope: Scope = "all",
 ) -> Importance:
     """Importance of every neuron of ``kinds`` for each prompt (Eq. 1, accelerated; see module doc).
 
-    ``positions="user"`` measures the change on the prompt's own tokens only (for q/k: those query
+    ``scope="user"`` measures the change on the prompt's own tokens only (for q/k: those query
     rows), so that neurons busy with the chat template, which every prompt shares, do not look
-    important for every prompt; ``positions=k`` on the last ``k`` tokens of each rendered prompt.
+    important for every prompt; ``scope=k`` on the last ``k`` tokens of each rendered prompt.
 
     >>> from safety_circuits.testing import tiny_subject
     >>> subject = tiny_subject("llama")
@@ -438,7 +440,13 @@ def neuron_importance(
                 q, k = q_all[row, -length:], k_all[row, -length:]
                 rotary = tuple(t[:length] for t in state["rotary"]) if geos[layer].rotary else None
                 q_imp, k_imp = qk_importance(
-                    q, k, geos[layer], rotary, chunk_bytes, queries=mask[row, -length:], norm=norms[layer]
+                    q,
+                    k,
+                    geos[layer],
+                    rotary,
+                    chunk_bytes=chunk_bytes,
+                    queries=mask[row, -length:],
+                    norm=norms[layer],
                 )
                 if "q" in kinds:
                     scores["q"][prompt_index, layer] = q_imp.flatten().cpu()
@@ -454,9 +462,9 @@ def neuron_importance(
         if set(kinds) - {"ffn"}:
             hooks.append((hook_name(layer, "o"), on_z))
     desc = "neuron importance" if progress else None
-    for batch in batches(subject, prompts, batch_size, chat=chat, desc=desc, positions=positions):
+    for batch in batches(subject, prompts, batch_size=batch_size, chat=chat, desc=desc, scope=scope):
         state["real"] = batch.attention_mask
-        state["mask"] = batch.positions.float()
+        state["mask"] = batch.measured.float()
         state["rows"] = batch.order
         if any(g.rotary for g in geos) and ("q" in kinds or "k" in kinds):
             state["rotary"] = _rotary(subject, batch.input_ids.shape[1])
@@ -468,7 +476,7 @@ def neuron_importance(
         "chunk_bytes": chunk_bytes,
         "batch_size": batch_size,
         "chat": chat,
-        "positions": positions,
+        "scope": scope,
     }
     return Importance(arch, scores, prompts, config)
 
@@ -480,10 +488,11 @@ def ablation_importance(
     prompt: str,
     layer: int,
     kind: Kind,
+    *,
     indices: Sequence[int] | None = None,
     measure: str = "output",
     chat: bool = True,
-    positions: Positions = "all",
+    scope: Scope = "all",
 ) -> Float[Tensor, " n"]:
     """Deactivate each neuron in turn and measure the change (slow; the reference for tests).
 
@@ -491,13 +500,13 @@ def ablation_importance(
     ``hook_mlp_out``) over all positions (Eq. 1). ``measure="pattern"``: ``||Δ||_2`` of the
     attention pattern of the layer (all heads). For Gemma-2 those hooks come after its
     post-sub-layer norm, while the accelerated scores are taken at the projection's output, so
-    the two agree exactly only for the other families. ``positions="user"``: only on the prompt's
+    the two agree exactly only for the other families. ``scope="user"``: only on the prompt's
     own tokens (query rows for the pattern).
     """
     if measure not in ("output", "pattern"):
         raise ValueError(f"measure must be 'output' or 'pattern', got {measure!r}")
-    (batch,) = batches(subject, [prompt], 1, chat=chat, positions=positions)
-    keep = batch.positions[0].bool()
+    (batch,) = batches(subject, [prompt], batch_size=1, chat=chat, scope=scope)
+    keep = batch.measured[0].bool()
     if measure == "pattern":
         site = f"blocks.{layer}.attn.hook_pattern"
     else:

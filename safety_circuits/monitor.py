@@ -35,7 +35,7 @@ from safety_circuits._io import TableResult, load_tensors, save_tensors
 from safety_circuits.activations import activations_at, check_prompts
 from safety_circuits.architecture import Architecture
 from safety_circuits.evaluate import generate, is_refusal
-from safety_circuits.neurons import KINDS, NeuronSet, check_arch, check_expected
+from safety_circuits.neurons import KINDS, NeuronSet, check_arch, check_expected, check_neurons
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -53,13 +53,14 @@ def prompt_activations(
     subject: Subject,
     prompts: Sequence[str],
     neurons: NeuronSet,
+    *,
     batch_size: int = 8,
     chat: bool = True,
     system: str | None = None,
 ) -> Float[Tensor, "prompt neuron"]:
     """Activations of ``neurons`` (in ``NeuronSet`` order) at the last token of each rendered prompt."""
     prompts = check_prompts(prompts)
-    check_arch(neurons.arch, subject.arch)
+    check_neurons(neurons, subject)
     if not len(neurons):
         raise ValueError("the NeuronSet is empty: the detector needs at least one neuron")
     acts = activations_at(subject, prompts, neurons.hooks(), batch_size=batch_size, chat=chat, system=system)
@@ -69,6 +70,7 @@ def prompt_activations(
 def unsafe_labels(
     subject: Subject,
     prompts: Sequence[str],
+    *,
     harmful: bool | Sequence[bool] = True,
     max_new_tokens: int = 48,
     batch_size: int = 8,
@@ -215,9 +217,16 @@ class UnsafeOutputDetector:
         """Fit on ``prompts`` with ``labels`` (1 = unsafe answer); ``labels=None`` derives them from
         the model's own greedy answers (:func:`unsafe_labels` with ``harmful``)."""
         prompts = check_prompts(prompts)
-        check_arch(neurons.arch, subject.arch)
+        check_neurons(neurons, subject)
         if labels is None:
-            labels = unsafe_labels(subject, prompts, harmful, max_new_tokens, batch_size, chat=chat)
+            labels = unsafe_labels(
+                subject,
+                prompts,
+                harmful=harmful,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                chat=chat,
+            )
         y = _check_labels(labels, len(prompts))
         if len(np.unique(y)) < 2:
             raise ValueError(
@@ -264,7 +273,9 @@ class UnsafeOutputDetector:
         (``chat``: render with the chat template; default: as in :meth:`fit`)."""
         neurons = self._require_fit()
         chat = self.config.get("chat", True) if chat is None else chat
-        return self.proba_from_features(prompt_activations(subject, prompts, neurons, batch_size, chat=chat))
+        return self.proba_from_features(
+            prompt_activations(subject, prompts, neurons, batch_size=batch_size, chat=chat)
+        )
 
     def predict(self, subject: Subject, prompts: Sequence[str], batch_size: int = 8) -> np.ndarray:
         """Whether each prompt is predicted to get an unsafe answer (P >= ``threshold``)."""
@@ -284,7 +295,9 @@ class UnsafeOutputDetector:
         prompts = check_prompts(prompts)
         self._require_fit()
         if labels is None:
-            labels = unsafe_labels(subject, prompts, harmful, max_new_tokens, batch_size)
+            labels = unsafe_labels(
+                subject, prompts, harmful=harmful, max_new_tokens=max_new_tokens, batch_size=batch_size
+            )
         y = _check_labels(labels, len(prompts))
         if len(np.unique(y)) < 2:
             raise ValueError("AUROC needs held-out prompts of both classes (safe and unsafe)")
@@ -475,6 +488,7 @@ class Monitor:
 def monitor(
     subject: Subject,
     detector: UnsafeOutputDetector,
+    *,
     threshold: float | None = None,
     action: Action = "flag",
     message: str = DEFAULT_MESSAGE,
@@ -495,7 +509,7 @@ def monitor(
     input token, so a one-token prompt is not scored.
     """
     detector._require_fit()
-    check_arch(detector.neurons.arch, subject.arch, "detector")  # type: ignore[union-attr]
+    check_arch(detector.neurons.arch, subject.arch, what="detector")  # type: ignore[union-attr]
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
     state = Monitor(

@@ -77,11 +77,11 @@ def kind_size(arch: Architecture, kind: Kind) -> int:
     raise ValueError(f"unknown neuron kind {kind!r}; kinds are {KINDS}")
 
 
-def total_neurons(arch: Architecture, kinds: Iterable[Kind] = KINDS) -> int:
+def total_neurons(arch: Architecture, *, kinds: Iterable[Kind] = KINDS) -> int:
     return arch.n_layers * sum(kind_size(arch, k) for k in kinds)
 
 
-def check_arch(expected: Architecture, got: Architecture, what: str = "NeuronSet") -> None:
+def check_arch(expected: Architecture, got: Architecture, *, what: str = "NeuronSet") -> None:
     """Raise a clear error listing the fields where two architectures differ."""
     if expected != got:
         diff = {k: (v, got.to_dict()[k]) for k, v in expected.to_dict().items() if got.to_dict()[k] != v}
@@ -91,11 +91,24 @@ def check_arch(expected: Architecture, got: Architecture, what: str = "NeuronSet
         )
 
 
+def check_neurons(neurons: Any, subject: Subject | None = None, what: str = "NeuronSet") -> NeuronSet:
+    """``neurons`` if it is a :class:`NeuronSet` (made for ``subject``'s model, if given); a clear
+    error otherwise (naming the argument order when the type is wrong)."""
+    if not isinstance(neurons, NeuronSet):
+        raise TypeError(
+            f"{what} must be a NeuronSet, got a {type(neurons).__name__} "
+            "(arguments go model, then data (prompts, documents), then neurons)"
+        )
+    if subject is not None:
+        check_arch(neurons.arch, subject.arch, what=what)
+    return neurons
+
+
 def check_expected(arch: Architecture, expect: Architecture | Subject | None, what: str) -> None:
     """For a file's ``load(path, expect=)``: with ``expect`` (a model or its architecture), check
     that ``what`` was made for it (:func:`check_arch`)."""
     if expect is not None:
-        check_arch(arch, getattr(expect, "arch", expect), what)
+        check_arch(arch, getattr(expect, "arch", expect), what=what)
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,7 +212,7 @@ class NeuronSet:
     def _combine(self, other: NeuronSet, op: str) -> NeuronSet:
         if not isinstance(other, NeuronSet):
             return NotImplemented
-        check_arch(self.arch, other.arch, "NeuronSet operand")
+        check_arch(self.arch, other.arch, what="NeuronSet operand")
         fn = {"|": np.union1d, "&": np.intersect1d, "-": np.setdiff1d}[op]
         empty = np.empty(0, dtype=np.int64)
         keys = set(self.indices) | set(other.indices)
@@ -288,7 +301,7 @@ class NeuronSet:
         if not kinds:
             raise ValueError("fraction_of needs at least one kind")
         inside = sum(v.size for (_, k), v in self.indices.items() if k in kinds)
-        return inside / total_neurons(arch, kinds)
+        return inside / total_neurons(arch, kinds=kinds)
 
     def masks(self, kinds: Iterable[Kind] = KINDS) -> dict[Kind, Bool[Tensor, "layer neuron"]]:
         """Boolean masks ``{kind: [n_layers, kind_size]}``."""
@@ -386,10 +399,10 @@ def _owned(arch: Architecture, layer: int, kind: Kind, idx: Tensor) -> list[Para
     return adapter(arch).owned(arch, layer, kind, idx)
 
 
-def hf_slices(neurons: NeuronSet, subject: Subject | None = None) -> list[ParamSlice]:
+def hf_slices(neurons: NeuronSet, *, subject: Subject | None = None) -> list[ParamSlice]:
     """Every HF parameter slice owned by ``neurons`` (one entry per parameter and site)."""
     if subject is not None:
-        check_arch(neurons.arch, subject.arch)
+        check_neurons(neurons, subject)
     return [
         s
         for (layer, kind), idx in neurons.indices.items()
@@ -397,11 +410,11 @@ def hf_slices(neurons: NeuronSet, subject: Subject | None = None) -> list[ParamS
     ]
 
 
-def hf_masks(neurons: NeuronSet, subject: Subject) -> dict[str, Bool[Tensor, "..."]]:
+def hf_masks(subject: Subject, neurons: NeuronSet) -> dict[str, Bool[Tensor, "..."]]:
     """Boolean masks shaped like the HF parameters, True exactly on the entries ``neurons`` own."""
     params = dict(subject.hf.named_parameters())
     masks: dict[str, Tensor] = {}
-    for s in hf_slices(neurons, subject):
+    for s in hf_slices(neurons, subject=subject):
         if s.param not in params:
             raise KeyError(f"{s.param} is not a parameter of {subject.name}")
         mask = masks.setdefault(s.param, torch.zeros_like(params[s.param], dtype=torch.bool))
@@ -439,6 +452,7 @@ def scatter_neurons(
 
 def ablation_hooks(
     neurons: NeuronSet,
+    *,
     mode: Literal["zero", "mean"] = "zero",
     means: Mapping[str, Float[Tensor, "..."]] | None = None,
 ) -> list[tuple[str, HookFn]]:
@@ -475,6 +489,7 @@ def ablation_hooks(
 def ablate(
     subject: Subject,
     neurons: NeuronSet,
+    *,
     mode: Literal["zero", "mean"] = "zero",
     means: Mapping[str, Tensor] | None = None,
 ) -> Iterator[Subject]:
@@ -490,8 +505,8 @@ def ablate(
     >>> bool((ablated != subject.tl(ids)).any())
     True
     """
-    check_arch(neurons.arch, subject.arch)
-    with subject.tl.hooks(fwd_hooks=ablation_hooks(neurons, mode, means)):
+    check_neurons(neurons, subject)
+    with subject.tl.hooks(fwd_hooks=ablation_hooks(neurons, mode=mode, means=means)):
         yield subject
 
 
@@ -501,7 +516,7 @@ def ablate_hf(subject: Subject, neurons: NeuronSet) -> Iterator[Subject]:
     params = dict(subject.hf.named_parameters())
     saved = []
     with torch.no_grad():
-        for s in hf_slices(neurons, subject):
+        for s in hf_slices(neurons, subject=subject):
             p = params[s.param]
             index = s.index.to(p.device)
             saved.append((p, s.axis, index, p.index_select(s.axis, index).clone()))

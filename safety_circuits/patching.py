@@ -13,8 +13,8 @@ position too, so the target reads the whole conversation through the source's ne
 ``patch_prompt=False`` only the generation steps are patched (the prompt's last position, whose
 output is the first answer token, and every step after it).
 
-Baselines (``mode``): ``"mean"`` sets the neurons to the source's mean activation over the
-prompts' tokens, ``"zero"`` zeroes them (both through
+Baselines (``replace``, see :mod:`safety_circuits.vocabulary`): ``"mean"`` sets the neurons to
+the source's mean activation over the prompts' tokens, ``"zero"`` zeroes them (both through
 :func:`~safety_circuits.neurons.ablation_hooks`); random neurons with the same count per layer
 and kind are ``neurons.random_like(seed=...)`` patched from the source.
 
@@ -38,7 +38,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from safety_circuits._io import TableResult
+from safety_circuits._io import Record, TableResult
 from safety_circuits._kv_cache import new_hooked_cache
 from safety_circuits.activations import batches, check_prompts, mean_activations
 from safety_circuits.contrast import ContrastScores, check_pair
@@ -58,18 +58,18 @@ from safety_circuits.neurons import (
     NeuronSet,
     ablate,
     check_arch,
+    check_neurons,
     gather_neurons,
     hook_name,
     scatter_neurons,
 )
+from safety_circuits.vocabulary import REPLACE, Rate, Replace
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["source", "mean", "zero"]
-MODES: tuple[Mode, ...] = ("source", "mean", "zero")
 #: Chen et al.: patching about 5% of the neurons restores about 90% of safety.
 PAPER_REFERENCE = {"fraction": 0.05, "restored": 0.9}
 
@@ -129,8 +129,8 @@ class PatchedDecoder(Decoder):
         patch_prompt: bool = True,
         record: bool = False,
     ) -> None:
-        check_pair(target, source, "target and source models")
-        check_arch(neurons.arch, target.arch)
+        check_pair(target, source, what="target and source models")
+        check_neurons(neurons, target)
         self.target, self.source, self.neurons = target, source, neurons
         self.patch_prompt, self.record = patch_prompt, record
         self.sites = _sites(neurons, target.device)
@@ -226,72 +226,89 @@ class PatchedDecoder(Decoder):
         )
 
 
+@dataclass
+class PatchConfig(Record):
+    """Options of :func:`dynamic_patching`: what is written (``replace``: ``"source"``, ``"mean"``
+    or ``"zero"``; with ``patch_prompt`` the prompt positions too), how answers are generated
+    (greedy, ``max_new_tokens``, ``batch_size``, ``chat``, ``system``) and which rate the result
+    counts (``rate``: ``"asr"`` on harmful prompts, ``"over_refusal"`` on harmless ones)."""
+
+    replace: Replace = "source"
+    patch_prompt: bool = True
+    rate: Rate = "asr"
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    chat: bool = True
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.replace not in REPLACE:
+            raise ValueError(f"replace must be one of {REPLACE}, got {self.replace!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
 @torch.no_grad()
 def dynamic_patching(
     target: Subject,
     source: Subject | None,
-    neurons: NeuronSet,
     prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    mode: Mode = "source",
+    neurons: NeuronSet,
+    *,
+    config: PatchConfig | None = None,
     means: dict[str, Tensor] | None = None,
-    patch_prompt: bool = True,
-    metric: Literal["asr", "over_refusal"] = "asr",
-    chat: bool = True,
-    system: str | None = None,
     progress: bool = True,
+    **options: Any,
 ) -> RefusalEval:
     """Greedy answers of ``target`` with ``neurons`` patched, judged by :func:`is_refusal`.
 
     Args:
         target: the model that generates (e.g. the unaligned original).
         source: the model whose activations are patched in (e.g. the aligned model); for
-            ``mode="mean"`` it supplies the means, for ``mode="zero"`` it may be ``None``.
+            ``replace="mean"`` it supplies the means, for ``replace="zero"`` it may be ``None``.
         neurons: the neurons to patch (any kinds).
-        mode: ``"source"`` (dynamic patching), ``"mean"`` (the source's mean activation over the
-            prompts' tokens, or ``means``) or ``"zero"``.
-        patch_prompt: also patch the prompt positions (``mode="source"``; see the module docstring).
-        metric: how the returned :class:`RefusalEval` counts (``"asr"`` on harmful prompts).
+        config: a :class:`PatchConfig`; ``options`` set its fields (e.g. ``replace="mean"``).
+        means: for ``replace="mean"``, the mean activations to use (default: the source's mean
+            over the prompts' tokens).
 
     Returns a :class:`~safety_circuits.evaluate.RefusalEval` whose ``config`` records the patching.
     """
+    cfg = PatchConfig.resolve(config, **options)
+    replace, batch_size, chat, system = cfg.replace, cfg.batch_size, cfg.chat, cfg.system
     prompts = check_prompts(prompts)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    check_arch(neurons.arch, target.arch)
-    if source is None and mode != "zero":
-        raise ValueError(f"mode={mode!r} needs a source model (or mode='zero')")
+    check_neurons(neurons, target)
+    if source is None and replace != "zero":
+        raise ValueError(f"replace={replace!r} needs a source model (or replace='zero')")
     if source is not None:
-        check_pair(target, source, "target and source models")
-    kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat": chat, "system": system}
-    if mode == "source":
+        check_pair(target, source, what="target and source models")
+    kwargs = {"max_new_tokens": cfg.max_new_tokens, "batch_size": batch_size, "chat": chat, "system": system}
+    if replace == "source":
         responses = [""] * len(prompts)
         stop, pad = stop_ids(target), target.tokenizer.pad_token_id
         desc = "dynamic patching" if progress else None
-        with PatchedDecoder(target, source, neurons, patch_prompt=patch_prompt) as decoder:  # type: ignore[arg-type]
-            for batch in batches(target, prompts, batch_size, chat=chat, system=system, desc=desc):
-                new = greedy_decode(decoder, batch.input_ids, batch.attention_mask, max_new_tokens, stop, pad)
+        with PatchedDecoder(target, source, neurons, patch_prompt=cfg.patch_prompt) as decoder:  # type: ignore[arg-type]
+            for batch in batches(target, prompts, batch_size=batch_size, chat=chat, system=system, desc=desc):
+                new = greedy_decode(
+                    decoder, batch.input_ids, batch.attention_mask, cfg.max_new_tokens, stop, pad
+                )
                 for i, ids in zip(batch.order, response_ids(target, new, stop), strict=True):
                     responses[i] = response_text(target, ids)
     else:
-        if mode == "mean" and means is None:
+        if replace == "mean" and means is None:
             names = sorted({hook_name(layer, kind) for layer, kind in neurons.indices})
             means = mean_activations(source, prompts, names, batch_size=batch_size, chat=chat)  # type: ignore[arg-type]
-        with ablate(target, neurons, mode=mode, means=means):  # type: ignore[arg-type]
+        with ablate(target, neurons, replace=replace, means=means):  # type: ignore[arg-type]
             responses = generate(target, prompts, progress=progress, **kwargs)
-    config = {
+    record = {
         **kwargs,
-        "mode": mode,
-        "patch_prompt": patch_prompt if mode == "source" else None,
+        "replace": replace,
+        "patch_prompt": cfg.patch_prompt if replace == "source" else None,
         "neurons": len(neurons),
         "neuron_set": neurons.name,
         "target": target.name,
         "source": None if source is None else source.name,
     }
-    return RefusalEval.judged(metric, prompts, responses, config)
+    return RefusalEval.judged(cfg.rate, prompts, responses, record)
 
 
 # -- safety restored vs fraction of neurons --------------------------------------------------------
@@ -414,37 +431,54 @@ def _judge_mean(judge: Judge | None, evaluation: RefusalEval) -> float | None:
     return float(np.mean([judge(p, r) for p, r in zip(frame["prompt"], frame["response"], strict=True)]))
 
 
+@dataclass
+class CurveConfig(Record):
+    """Options of :func:`patching_curve`: the ``fractions`` of top neurons patched (of all
+    neurons, or of each kind with ``per_kind``), the ``baselines`` at each fraction (``"random"``
+    neurons patched from the source, drawn with ``seed``; the top neurons set to the source's
+    ``"mean"`` or to ``"zero"``), and generation (``max_new_tokens``, ``batch_size``,
+    ``patch_prompt`` as in :class:`PatchConfig`)."""
+
+    fractions: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+    baselines: Sequence[Literal["random", "mean", "zero"]] = ("random", "mean", "zero")
+    per_kind: bool = False
+    patch_prompt: bool = True
+    seed: int = 0
+    max_new_tokens: int = 48
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.baselines if b not in ("random", "mean", "zero")]
+        if bad:
+            raise ValueError(f"unknown baselines {bad}; choose from 'random', 'mean', 'zero'")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise ValueError(f"fractions must be in (0, 1], got {list(self.fractions)}")
+
+
 def patching_curve(
     target: Subject,
     source: Subject,
-    scores: ContrastScores,
     prompts: Sequence[str],
-    fractions: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2),
-    baselines: Sequence[Literal["random", "mean", "zero"]] = ("random", "mean", "zero"),
-    max_new_tokens: int = 48,
-    batch_size: int = 8,
-    per_kind: bool = False,
+    scores: ContrastScores,
+    *,
+    config: CurveConfig | None = None,
     judge: Judge | None = None,
-    patch_prompt: bool = True,
-    seed: int = 0,
     progress: bool = True,
+    **options: Any,
 ) -> PatchingCurve:
     """Patch the top ``fraction`` of ``scores``' neurons from ``source`` into ``target``, for each
     fraction, with the baselines at the same neurons (``mean``, ``zero``) or at random neurons of
-    the same count per layer and kind (``random``).
+    the same count per layer and kind (``random``). ``options`` set fields of ``config``
+    (:class:`CurveConfig`).
 
     ``judge(prompt, response) -> float`` (higher is safer, e.g. a cost model's score) adds a
     judge-based restoration next to the ASR-based one (ASR uses :func:`is_refusal`).
     """
+    cfg = CurveConfig.resolve(config, **options)
     prompts = check_prompts(prompts)
-    check_pair(target, source, "target and source models")
-    check_arch(scores.arch, target.arch, "ContrastScores")
-    bad = [b for b in baselines if b not in ("random", "mean", "zero")]
-    if bad:
-        raise ValueError(f"unknown baselines {bad}; choose from 'random', 'mean', 'zero'")
-    if not fractions or any(not 0 < f <= 1 for f in fractions):
-        raise ValueError(f"fractions must be in (0, 1], got {list(fractions)}")
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    check_pair(target, source, what="target and source models")
+    check_arch(scores.arch, target.arch, what="ContrastScores")
+    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
     base = generate(target, prompts, progress=False, **kwargs)
     ref = generate(source, prompts, progress=False, **kwargs)
     base_eval, ref_eval = (RefusalEval.judged("asr", prompts, r) for r in (base, ref))
@@ -453,19 +487,27 @@ def patching_curve(
     if asr_target == asr_source:
         logger.warning("target and source have the same ASR (%.3f): restoration is undefined", asr_target)
     means = None
-    if "mean" in baselines:
+    if "mean" in cfg.baselines:
         names = [hook_name(layer, kind) for layer in range(scores.arch.n_layers) for kind in scores.kinds]
-        means = mean_activations(source, prompts, names, batch_size=batch_size)
+        means = mean_activations(source, prompts, names, batch_size=cfg.batch_size)
     rows, answers = [], []
     for method, frame in (("target", base_eval.frame), ("source", ref_eval.frame)):
         answers.append(frame.assign(method=method, fraction=float("nan")))
-    settings = [(f, m) for f in fractions for m in ("dynamic", *baselines)]
+    settings = [(f, m) for f in cfg.fractions for m in ("dynamic", *cfg.baselines)]
     for fraction, method in settings:
-        top = scores.top(fraction=fraction, per_kind=per_kind, name=f"top {fraction:g}")
-        neurons = top.random_like(seed=seed) if method == "random" else top
-        mode: Mode = method if method in ("mean", "zero") else "source"  # type: ignore[assignment]
+        top = scores.top(fraction=fraction, per_kind=cfg.per_kind, name=f"top {fraction:g}")
+        neurons = top.random_like(seed=cfg.seed) if method == "random" else top
+        replace: Replace = method if method in ("mean", "zero") else "source"  # type: ignore[assignment]
         result = dynamic_patching(
-            target, source, neurons, prompts, mode=mode, means=means, patch_prompt=patch_prompt, **kwargs
+            target,
+            source,
+            prompts,
+            neurons,
+            replace=replace,
+            means=means,
+            patch_prompt=cfg.patch_prompt,
+            progress=progress,
+            **kwargs,
         )
         row = {
             "method": method,
@@ -483,12 +525,9 @@ def patching_curve(
         if progress:
             logger.info("%s at %.3f: ASR %.3f, restored %.3f", method, fraction, row["asr"], row["restored"])
     config = {
-        **kwargs,
-        "fractions": list(fractions),
-        "baselines": list(baselines),
-        "per_kind": per_kind,
-        "patch_prompt": patch_prompt,
-        "seed": seed,
+        **cfg.to_dict(),
+        "fractions": list(cfg.fractions),
+        "baselines": list(cfg.baselines),
         "kinds": list(scores.kinds),
         "target": target.name,
         "source": source.name,

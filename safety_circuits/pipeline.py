@@ -35,7 +35,6 @@ import pandas as pd
 
 from safety_circuits import ablation, data, plots
 from safety_circuits._io import Record, atomic_file
-from safety_circuits.activations import Positions, check_scope
 from safety_circuits.contrast import contrast_activations
 from safety_circuits.crosssuite import (
     CrossSuiteResult,
@@ -85,6 +84,7 @@ from safety_circuits.tuning import (
     retain_documents,
     tune,
 )
+from safety_circuits.vocabulary import Scope, check_scope
 
 logger = logging.getLogger(__name__)
 TUNED = "sn_tune"
@@ -106,7 +106,7 @@ class RunConfig(Record):
     backend: Backend = DEFAULT_BACKEND
     seed: int = 0
     # detection (HarmBench val)
-    positions: Positions = "all"
+    scope: Scope = "all"
     quantile: float = 0.98
     rule: str = "safety"  # the NeuronSet SN-Tune trains (and Table 1 deactivates): one of TUNABLE
     variant: str = (
@@ -137,9 +137,9 @@ class RunConfig(Record):
     detector_per_suite: int = 0  # test prompts the detector reads from each suite; 0 = all of them
 
     def __post_init__(self) -> None:
-        if isinstance(self.positions, str) and self.positions.isdigit():  # from the command line
-            self.positions = int(self.positions)
-        check_scope(self.positions)
+        if isinstance(self.scope, str) and self.scope.isdigit():  # from the command line
+            self.scope = int(self.scope)
+        check_scope(self.scope)
         check_backend(self.backend)
         choices = {"mechanism": MECHANISMS}
         for name, allowed in choices.items():
@@ -253,11 +253,11 @@ def detect(run: Run) -> dict[str, NeuronSet]:
     cfg, subject = run.config, run.base
     start = time.perf_counter()
     harmful = data.harmbench("val")
-    importance = neuron_importance(subject, harmful, batch_size=8, positions=cfg.positions)
+    importance = neuron_importance(subject, harmful, batch_size=8, scope=cfg.scope)
     seconds = time.perf_counter() - start
     importance.save(run.path("neurons", "importance.safetensors"))
     matched = neuron_importance(
-        subject, matched_harmless(len(harmful), cfg.seed), batch_size=8, positions=cfg.positions
+        subject, matched_harmless(len(harmful), cfg.seed), batch_size=8, scope=cfg.scope
     )
     matched.save(run.path("neurons", "importance_harmless.safetensors"))
     safety = select_neurons(importance, quantile=cfg.quantile).with_metadata(
@@ -278,7 +278,7 @@ def detect(run: Run) -> dict[str, NeuronSet]:
     harmless = data.suite("harmless").prompts("validation", n=SPECIFICITY_PROMPTS, seed=cfg.seed)
     tunable = {name: sets[name] for name in TUNABLE if len(sets[name])}
     specificity = ablation.zeroing_kl(
-        subject, tunable, harmless, random_seeds=cfg.random_seeds, batch_size=EVAL_BATCH, use="hf"
+        subject, harmless, tunable, random_seeds=cfg.random_seeds, batch_size=EVAL_BATCH, use="hf"
     )
     _write_csv(run.path("neurons", "specificity.csv"), specificity)
     logger.info("safety neurons: %d (%.2f%%) in %.0f s", len(safety), 100 * safety.fraction_of(), seconds)
@@ -328,7 +328,7 @@ def tune_models(run: Run) -> pd.DataFrame:
         plans += [(f"{RANDOM}{s - cfg.seed}", neurons.random_like(seed=s), cfg.mechanism) for s in seeds]
         plans.append((FULL, None, "full"))
     tune_config = cfg.tune_config()
-    reference = reference_states(run.base, docs, tune_config.max_length) if cfg.retain_kl else None
+    reference = reference_states(run.base, docs, max_length=tune_config.max_length) if cfg.retain_kl else None
     rows = []
     for name, chosen, mechanism in plans:
         lr = cfg.full_lr if mechanism == "full" else cfg.lr
@@ -373,7 +373,7 @@ def evaluate_models(run: Run) -> pd.DataFrame:
             evaluate_suites(
                 subject,
                 suites,
-                "test",
+                split="test",
                 n=cfg.eval_per_suite or None,
                 seed=cfg.seed,
                 judge=cfg.judge,
@@ -386,7 +386,7 @@ def evaluate_models(run: Run) -> pd.DataFrame:
         kl = 0.0  # the original's KL to itself
         if name != "original":
             kl = ablation.mean_kl(
-                reference, ablation.next_token_logprobs(subject, harmless, EVAL_BATCH, use="hf")
+                reference, ablation.next_token_logprobs(subject, harmless, batch_size=EVAL_BATCH, use="hf")
             )
         capability = Rate.of(correct)
         rows.append(
@@ -440,9 +440,9 @@ def deactivate(run: Run) -> pd.DataFrame:
         origin = {"asr": float(rate[TUNED, "harmbench"]), "over_refusal": float(rate[TUNED, "harmless"])}
     table = ablation.deactivation_experiment(
         run.model(TUNED),
-        run.neurons(cfg.rule),
         run.eval_prompts("harmbench"),
         run.eval_prompts("harmless"),
+        run.neurons(cfg.rule),
         random_seeds=cfg.random_seeds,
         max_new_tokens=cfg.max_new_tokens,
         use="hf",
@@ -546,7 +546,7 @@ def report(run: Run) -> Path:
             ]
         )
         blocks: list[Block] = [
-            f"Found on the HarmBench val behaviours, positions={cfg.positions}, quantile {cfg.quantile} "
+            f"Found on the HarmBench val behaviours, scope={cfg.scope}, quantile {cfg.quantile} "
             "per prompt and kind. safety: important for every prompt (Eq. 3); foundation: the same on "
             "plain harmless text; robust: safety − foundation; contrastive: safety minus the neurons "
             "important for every one of as many harmless prompts rendered the same way; scored: the "

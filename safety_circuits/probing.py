@@ -29,7 +29,7 @@ from torch import Tensor
 
 from safety_circuits._io import TableResult
 from safety_circuits.activations import activations_at, check_prompts
-from safety_circuits.neurons import NeuronSet, check_arch, hook_name
+from safety_circuits.neurons import NeuronSet, check_neurons, hook_name
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -63,6 +63,7 @@ def site_hook(site: str, layer: int) -> str:
 def cross_validate(
     features: Float[np.ndarray, "n feature"],
     labels: Sequence[int],
+    *,
     cv: int = 5,
     seed: int = 0,
     C: float = 1.0,
@@ -164,7 +165,7 @@ class ProbeResult(TableResult):
         fig.add_hline(y=chance, line_dash="dot", line_color="grey", annotation_text="chance")
         site = self.config.get("site", "neurons")
         return fig.update_layout(
-            title=title or f"probe accuracy per layer ({site}, position {self.config.get('position', -1)})",
+            title=title or f"probe accuracy per layer ({site}, offset {self.config.get('offset', -1)})",
             xaxis_title="layer",
             yaxis_title=f"{self.config.get('cv', '?')}-fold accuracy",
             yaxis_range=[0, 1.05],
@@ -190,11 +191,11 @@ def _labels(harmful: Sequence[str], harmless: Sequence[str]) -> np.ndarray:
     return np.r_[np.ones(len(harmful), dtype=int), np.zeros(len(harmless), dtype=int)]
 
 
-def _both(subject, harmful, harmless, names, position, batch_size, chat, progress) -> dict[str, Tensor]:
+def _both(subject, harmful, harmless, names, offset, batch_size, chat, progress) -> dict[str, Tensor]:
     """Activations of harmful then harmless prompts at ``names``, stacked along the prompt axis."""
-    harmful = check_prompts(harmful, "harmful")
-    harmless = check_prompts(harmless, "harmless")
-    kwargs = {"positions": [position], "batch_size": batch_size, "chat": chat}
+    harmful = check_prompts(harmful, what="harmful")
+    harmless = check_prompts(harmless, what="harmless")
+    kwargs = {"offsets": [offset], "batch_size": batch_size, "chat": chat}
     a = activations_at(
         subject, harmful, names, desc="probe activations (harmful)" if progress else None, **kwargs
     )
@@ -208,8 +209,9 @@ def probe_layers(
     subject: Subject,
     harmful: Sequence[str],
     harmless: Sequence[str],
+    *,
     site: str = "resid_post",
-    position: int = -1,
+    offset: int = -1,
     cv: int = 5,
     seed: int = 0,
     layers: Sequence[int] | None = None,
@@ -221,15 +223,20 @@ def probe_layers(
     """Cross-validated linear probe (harmful = 1, harmless = 0) on ``site`` at every layer."""
     layers = subject.arch.check_layers(layers)
     names = [site_hook(site, layer) for layer in layers]
-    acts = _both(subject, harmful, harmless, names, position, batch_size, chat, progress)
+    acts = _both(subject, harmful, harmless, names, offset, batch_size, chat, progress)
     y = _labels(harmful, harmless)
     rows = []
     for layer, name in zip(layers, names, strict=True):
         x = acts[name].flatten(1).numpy()
         rows.append(
-            {"layer": layer, "features": site, "n_features": x.shape[1], **cross_validate(x, y, cv, seed, C)}
+            {
+                "layer": layer,
+                "features": site,
+                "n_features": x.shape[1],
+                **cross_validate(x, y, cv=cv, seed=seed, C=C),
+            }
         )
-    config = {"site": site, "position": position, "cv": cv, "seed": seed, "C": C, "chat": chat}
+    config = {"site": site, "offset": offset, "cv": cv, "seed": seed, "C": C, "chat": chat}
     config |= {"n_harmful": len(harmful), "n_harmless": len(harmless), "label": subject.name}
     return ProbeResult(pd.DataFrame(rows).astype({"layer": "Int64"}), config)
 
@@ -239,7 +246,8 @@ def probe_neurons(
     harmful: Sequence[str],
     harmless: Sequence[str],
     neurons: NeuronSet,
-    position: int = -1,
+    *,
+    offset: int = -1,
     cv: int = 5,
     seed: int = 0,
     C: float = 1.0,
@@ -253,11 +261,11 @@ def probe_neurons(
     A high accuracy says the set *reads* harmfulness, not that it refuses: harmful vs harmless is
     readable from almost any neuron set, and a probe's weights rank planted refusal neurons near
     chance (:mod:`safety_circuits.groundtruth`)."""
-    check_arch(neurons.arch, subject.arch)
+    check_neurons(neurons, subject)
     if not len(neurons):
         raise ValueError("the NeuronSet is empty: nothing to probe")
     names = [hook_name(layer, kind) for layer, kind in neurons.indices]
-    acts = _both(subject, harmful, harmless, names, position, batch_size, chat, progress)
+    acts = _both(subject, harmful, harmless, names, offset, batch_size, chat, progress)
     per_layer: dict[int, list[np.ndarray]] = {}
     for (layer, kind), idx in neurons.indices.items():
         per_layer.setdefault(layer, []).append(
@@ -269,7 +277,12 @@ def probe_neurons(
     for layer, parts in per_layer.items():
         x = np.concatenate(parts, axis=1)
         rows.append(
-            {"layer": layer, "features": label, "n_features": x.shape[1], **cross_validate(x, y, cv, seed, C)}
+            {
+                "layer": layer,
+                "features": label,
+                "n_features": x.shape[1],
+                **cross_validate(x, y, cv=cv, seed=seed, C=C),
+            }
         )
     x = np.concatenate([p for parts in per_layer.values() for p in parts], axis=1)
     rows.append(
@@ -277,9 +290,9 @@ def probe_neurons(
             "layer": None,
             "features": f"{label} (all layers)",
             "n_features": x.shape[1],
-            **cross_validate(x, y, cv, seed, C),
+            **cross_validate(x, y, cv=cv, seed=seed, C=C),
         }
     )
-    config = {"site": f"{label} neurons", "position": position, "cv": cv, "seed": seed, "C": C, "chat": chat}
+    config = {"site": f"{label} neurons", "offset": offset, "cv": cv, "seed": seed, "C": C, "chat": chat}
     config |= {"n_harmful": len(harmful), "n_harmless": len(harmless), "label": label}
     return ProbeResult(pd.DataFrame(rows).astype({"layer": "Int64"}), config)

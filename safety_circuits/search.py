@@ -255,7 +255,7 @@ class RecipeSearch:
             kinds=config.get("kinds", self.importance.kinds),
             batch_size=8,
             chat=config.get("chat", True),
-            positions=config.get("positions", "all"),
+            scope=config.get("scope", "all"),
             progress=False,
         )
 
@@ -264,8 +264,10 @@ class RecipeSearch:
         """Every prompt a trial may retain, with its document (answered by ``subject``) and the
         original model's hidden states on it (the retain-KL reference)."""
         prompts = data.harmless("train") + data.alarming_train()
-        docs = retain_documents(self.subject, prompts, self.retain_tokens, batch_size=self.batch_size)
-        states = reference_states(self.subject, docs, self.tune_config.max_length)
+        docs = retain_documents(
+            self.subject, prompts, max_new_tokens=self.retain_tokens, batch_size=self.batch_size
+        )
+        states = reference_states(self.subject, docs, max_length=self.tune_config.max_length)
         return {doc.prompt: (doc, state) for doc, state in zip(docs, states, strict=True)}
 
     def retain(self, recipe: Recipe) -> list[tuple[Document, Tensor]]:
@@ -282,7 +284,7 @@ class RecipeSearch:
 
     @cached_property
     def _reference(self) -> list:
-        return next_token_logprobs(self.subject, self._harmless, self.batch_size, use="hf")
+        return next_token_logprobs(self.subject, self._harmless, batch_size=self.batch_size, use="hf")
 
     def neurons(self, recipe: Recipe) -> NeuronSet:
         if recipe.rule == "safety":
@@ -315,7 +317,7 @@ class RecipeSearch:
         result = evaluate_suites(
             tuned,
             self.suites,
-            "validation",
+            split="validation",
             n=self.per_suite,
             seed=self.seed,
             max_new_tokens=self.max_new_tokens,
@@ -326,7 +328,9 @@ class RecipeSearch:
         frame = result.frame
         harmful = frame[frame["kind"] == "harmful"]
         harmless = frame[frame["kind"] == "harmless"]
-        kl = mean_kl(self._reference, next_token_logprobs(tuned, self._harmless, self.batch_size, use="hf"))
+        kl = mean_kl(
+            self._reference, next_token_logprobs(tuned, self._harmless, batch_size=self.batch_size, use="hf")
+        )
         return {
             "asr": float((~harmful["refused"]).mean()),
             "over_refusal": float(harmless["refused"].mean()),

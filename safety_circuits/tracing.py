@@ -21,11 +21,11 @@ prompts, pair by pair (``clean[i]`` with ``corrupted[i]``; clean = harmful, corr
 ``effect`` = patched − target score (mean over pairs); ``normalized`` = mean effect divided by the
 mean source − target gap (0: no effect, 1: the patched run scores like the source run).
 
-Positions: ``"all"`` patches every position (pairs must have the same token length);
-``"suffix"`` patches the tokens all rendered prompts end with (the chat template's assistant
-header: Arditi et al.'s post-instruction tokens), ``"last"`` the last token, an int ``k`` the last
-``k`` tokens; these work for prompts of any lengths, and reuse one KV cache of the unpatched
-prefix for every patch (same logits, a fraction of the cost).
+Where (``patch_at``, see :mod:`safety_circuits.vocabulary`): ``"all"`` patches every position
+(pairs must have the same token length); ``"suffix"`` patches the tokens all rendered prompts end
+with (the chat template's assistant header: Arditi et al.'s post-instruction tokens), ``"last"``
+the last token, an int ``k`` the last ``k`` tokens; these work for prompts of any lengths, and
+reuse one KV cache of the unpatched prefix for every patch (same logits, a fraction of the cost).
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from safety_circuits._io import TableResult
+from safety_circuits._io import Record, TableResult
 from safety_circuits._kv_cache import cache_kwargs, new_cache, new_hooked_cache
 from safety_circuits.activations import Batch, batches, check_prompts, left_pad, render, tokenize
-from safety_circuits.neurons import KINDS, HookFn, Kind, NeuronSet, check_arch, hook_name
+from safety_circuits.neurons import KINDS, HookFn, Kind, NeuronSet, check_neurons, hook_name
+from safety_circuits.vocabulary import PatchAt, TraceMode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -59,9 +60,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["noising", "denoising"]
 Method = Literal["patch", "attribution"]
-Positions = Literal["all", "last", "suffix"] | int
 Metric = Callable[[Float[Tensor, "batch vocab"]], Float[Tensor, " batch"]]
 
 #: Openings of a refusal; the first token of each (with and without a leading space) counts.
@@ -154,18 +153,18 @@ class RefusalMetric:
         return pd.DataFrame(rows, columns=["id", "token", "set"])
 
 
-def default_metric(subject: Subject, metric: Metric | None = None) -> Metric:
+def default_metric(subject: Subject, *, metric: Metric | None = None) -> Metric:
     return metric if metric is not None else RefusalMetric.from_tokenizer(subject.tokenizer)
 
 
 @torch.no_grad()
 def last_token_logits(
-    subject: Subject, prompts: Sequence[str], batch_size: int = 8, chat: bool = True
+    subject: Subject, prompts: Sequence[str], *, batch_size: int = 8, chat: bool = True
 ) -> Float[Tensor, "prompt vocab"]:
     """Next-token logits at the last position of each prompt (TL model; active hooks apply)."""
     prompts = check_prompts(prompts)
     out = torch.zeros(len(prompts), subject.arch.d_vocab)
-    for batch in batches(subject, prompts, batch_size, chat=chat):
+    for batch in batches(subject, prompts, batch_size=batch_size, chat=chat):
         out[batch.order] = (
             subject.tl(batch.input_ids, attention_mask=batch.attention_mask)[:, -1].float().cpu()
         )
@@ -175,12 +174,15 @@ def last_token_logits(
 def refusal_scores(
     subject: Subject,
     prompts: Sequence[str],
+    *,
     metric: Metric | None = None,
     batch_size: int = 8,
     chat: bool = True,
 ) -> Float[Tensor, " prompt"]:
     """The refusal score of each prompt (see :class:`RefusalMetric`); active TL hooks apply."""
-    return default_metric(subject, metric)(last_token_logits(subject, prompts, batch_size, chat))
+    return default_metric(subject, metric=metric)(
+        last_token_logits(subject, prompts, batch_size=batch_size, chat=chat)
+    )
 
 
 # -- what to patch ---------------------------------------------------------------------------
@@ -206,6 +208,7 @@ class PatchSite:
 
 def component_sites(
     arch: Architecture,
+    *,
     components: Sequence[str] = ("attn", "mlp"),
     heads: bool = False,
     layers: Sequence[int] | None = None,
@@ -280,54 +283,54 @@ def common_suffix_length(token_lists: Sequence[Sequence[int]]) -> int:
 
 
 def _check_pairs(clean: Sequence[str], corrupted: Sequence[str]) -> tuple[list[str], list[str]]:
-    clean, corrupted = check_prompts(clean, "clean"), check_prompts(corrupted, "corrupted")
+    clean, corrupted = check_prompts(clean, what="clean"), check_prompts(corrupted, what="corrupted")
     if len(clean) != len(corrupted):
         raise ValueError(f"clean and corrupted prompts are paired: got {len(clean)} and {len(corrupted)}")
     return clean, corrupted
 
 
-def _resolve_positions(ids_a: list[list[int]], ids_b: list[list[int]], positions: Positions) -> int | None:
+def _patch_length(ids_a: list[list[int]], ids_b: list[list[int]], patch_at: PatchAt) -> int | None:
     """``None`` (every position) or the number of trailing positions to patch."""
-    if positions == "all":
+    if patch_at == "all":
         unequal = [i for i, (a, b) in enumerate(zip(ids_a, ids_b, strict=True)) if len(a) != len(b)]
         if unequal:
             raise ValueError(
-                f"positions='all' needs pairs of equal token length; pairs {unequal[:10]} differ. "
-                "Use positions='suffix' (the shared chat-template tokens), 'last' or an int k (last k tokens)"
+                f"patch_at='all' needs pairs of equal token length; pairs {unequal[:10]} differ. "
+                "Use patch_at='suffix' (the shared chat-template tokens), 'last' or an int k (last k tokens)"
             )
         return None
-    if positions == "last":
+    if patch_at == "last":
         return 1
-    if positions == "suffix":
+    if patch_at == "suffix":
         k = common_suffix_length(ids_a + ids_b)
         if k == 0:
-            raise ValueError("the prompts share no trailing tokens: use positions='last' or an int")
+            raise ValueError("the prompts share no trailing tokens: use patch_at='last' or an int")
         return k
-    if isinstance(positions, bool) or not isinstance(positions, (int, np.integer)):
-        raise ValueError(f"positions must be 'all', 'last', 'suffix' or an int, got {positions!r}")
+    if isinstance(patch_at, bool) or not isinstance(patch_at, (int, np.integer)):
+        raise ValueError(f"patch_at must be 'all', 'last', 'suffix' or an int, got {patch_at!r}")
     shortest = min(len(t) for t in ids_a + ids_b)
-    if not 1 <= positions <= shortest:
-        raise ValueError(f"positions={positions} must be in [1, {shortest}] (the shortest prompt)")
-    return int(positions)
+    if not 1 <= patch_at <= shortest:
+        raise ValueError(f"patch_at={patch_at} must be in [1, {shortest}] (the shortest prompt)")
+    return int(patch_at)
 
 
 def patched_positions(
-    subject: Subject, clean: Sequence[str], corrupted: Sequence[str], positions: Positions, chat: bool = True
+    subject: Subject, clean: Sequence[str], corrupted: Sequence[str], patch_at: PatchAt, *, chat: bool = True
 ) -> int | None:
-    """How many trailing positions ``positions`` patches for these pairs (``None``: every one)."""
+    """How many trailing positions ``patch_at`` patches for these pairs (``None``: every one)."""
     clean, corrupted = _check_pairs(clean, corrupted)
     ids = [tokenize(subject, render(subject, p, chat=chat)) for p in (clean, corrupted)]
-    return _resolve_positions(*ids, positions)
+    return _patch_length(*ids, patch_at)
 
 
 def _paired_batches(
-    subject: Subject, target: list[str], source: list[str], positions: Positions, batch_size: int, chat: bool
+    subject: Subject, target: list[str], source: list[str], patch_at: PatchAt, batch_size: int, chat: bool
 ) -> tuple[int | None, Iterator[tuple[list[int], Batch, Batch]]]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ids_t = tokenize(subject, render(subject, target, chat=chat))
     ids_s = tokenize(subject, render(subject, source, chat=chat))
-    k = _resolve_positions(ids_t, ids_s, positions)
+    k = _patch_length(ids_t, ids_s, patch_at)
     order = sorted(range(len(ids_t)), key=lambda i: max(len(ids_t[i]), len(ids_s[i])))
     pad = subject.tokenizer.pad_token_id
 
@@ -403,8 +406,9 @@ def patched_metrics(
     clean: Sequence[str],
     corrupted: Sequence[str],
     groups: Sequence[Sequence[PatchSite]],
-    mode: Mode = "noising",
-    positions: Positions = "all",
+    *,
+    mode: TraceMode = "noising",
+    patch_at: PatchAt = "all",
     metric: Metric | None = None,
     batch_size: int = 8,
     chat: bool = True,
@@ -418,14 +422,14 @@ def patched_metrics(
     clean, corrupted = _check_pairs(clean, corrupted)
     if mode not in ("noising", "denoising"):
         raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}")
-    metric = default_metric(subject, metric)
+    metric = default_metric(subject, metric=metric)
     groups = [list(g) for g in groups]
     _check_sites(subject, [s for g in groups for s in g])
     names = list(dict.fromkeys(s.hook for g in groups for s in g))
     target, source = (clean, corrupted) if mode == "noising" else (corrupted, clean)
     n = len(clean)
     patched, t_metric, s_metric = torch.zeros(len(groups), n), torch.zeros(n), torch.zeros(n)
-    k, pairs = _paired_batches(subject, target, source, positions, batch_size, chat)
+    k, pairs = _paired_batches(subject, target, source, patch_at, batch_size, chat)
     for order, t_batch, s_batch in pairs:
         acts, s_logits = _source_run(subject, s_batch, names, k)
         s_metric[order] = metric(s_logits).float().cpu()
@@ -455,7 +459,7 @@ def _grad_passes(
     target: list[str],
     source: list[str],
     names: Sequence[str],
-    positions: Positions,
+    patch_at: PatchAt,
     metric: Metric,
     batch_size: int,
     chat: bool,
@@ -474,7 +478,7 @@ def _grad_passes(
     # Through the bridge, left-padded rows get NaN gradients everywhere (from the fully masked
     # pad queries), although their forward pass is fine: there, one pair at a time, unpadded.
     rows = batch_size if subject.backend == "hooked" else 1
-    k, pairs = _paired_batches(subject, target, source, positions, rows, chat)
+    k, pairs = _paired_batches(subject, target, source, patch_at, rows, chat)
     for order, t_batch, s_batch in pairs:
         with torch.no_grad():
             acts, s_logits = _source_run(subject, s_batch, names, k)
@@ -495,8 +499,9 @@ def attribution_metrics(
     clean: Sequence[str],
     corrupted: Sequence[str],
     sites: Sequence[PatchSite],
-    mode: Mode = "noising",
-    positions: Positions = "all",
+    *,
+    mode: TraceMode = "noising",
+    patch_at: PatchAt = "all",
     metric: Metric | None = None,
     batch_size: int = 8,
     chat: bool = True,
@@ -506,13 +511,13 @@ def attribution_metrics(
     clean, corrupted = _check_pairs(clean, corrupted)
     if mode not in ("noising", "denoising"):
         raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}")
-    metric = default_metric(subject, metric)
+    metric = default_metric(subject, metric=metric)
     _check_sites(subject, sites)
     names = list(dict.fromkeys(s.hook for s in sites))
     target, source = (clean, corrupted) if mode == "noising" else (corrupted, clean)
     n = len(clean)
     patched, t_metric, s_metric = torch.zeros(len(sites), n), torch.zeros(n), torch.zeros(n)
-    for run in _grad_passes(subject, target, source, names, positions, metric, batch_size, chat):
+    for run in _grad_passes(subject, target, source, names, patch_at, metric, batch_size, chat):
         t_metric[run.order] = run.target_metric.float().cpu()
         s_metric[run.order] = run.source_metric.float().cpu()
         for i, site in enumerate(sites):
@@ -527,9 +532,10 @@ def neuron_attribution(
     subject: Subject,
     clean: Sequence[str],
     corrupted: Sequence[str],
+    *,
     kinds: Sequence[Kind] = KINDS,
-    mode: Mode = "noising",
-    positions: Positions = "suffix",
+    mode: TraceMode = "noising",
+    patch_at: PatchAt = "suffix",
     metric: Metric | None = None,
     batch_size: int = 8,
     chat: bool = True,
@@ -544,12 +550,12 @@ def neuron_attribution(
     clean, corrupted = _check_pairs(clean, corrupted)
     if mode not in ("noising", "denoising"):
         raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}")
-    metric = default_metric(subject, metric)
+    metric = default_metric(subject, metric=metric)
     arch = subject.arch
     names = [hook_name(layer, kind) for layer in range(arch.n_layers) for kind in kinds]
     target, source = (clean, corrupted) if mode == "noising" else (corrupted, clean)
     totals = {name: torch.zeros(0) for name in names}
-    for run in _grad_passes(subject, target, source, names, positions, metric, batch_size, chat):
+    for run in _grad_passes(subject, target, source, names, patch_at, metric, batch_size, chat):
         for name in names:
             act = run.acts[name] if run.k is None else run.acts[name][:, -run.k :]
             grad = run.grads[name] if run.k is None else run.grads[name][:, -run.k :]
@@ -620,7 +626,7 @@ class TracingResult(TableResult):
             labels={"x": "layer", "y": grid.index.name, "color": value},
         )
         mode = self.config.get("mode", "noising")
-        default = f"activation patching ({mode}, positions {self.config.get('positions')}): {value} effect"
+        default = f"activation patching ({mode}, patch_at {self.config.get('patch_at')}): {value} effect"
         return fig.update_layout(title=title or default)
 
     def to_dict(self) -> dict[str, Any]:
@@ -668,60 +674,76 @@ def _frame(sites: Sequence[PatchSite], patched: Tensor, target: Tensor, gap: flo
     )
 
 
+@dataclass
+class TraceConfig(Record):
+    """Options of :func:`trace_components`: which sites (``components`` among ``"resid"``,
+    ``"attn"``, ``"mlp"``; every head with ``heads``; ``layers``, default all), the patch
+    (``mode``, ``patch_at``: see :mod:`safety_circuits.vocabulary`), ``method`` (``"patch"``, or
+    ``"attribution"``: every site estimated from gradients), and batching (``reuse_prefix`` runs the
+    unpatched prefix once when only trailing positions are patched)."""
+
+    components: Sequence[str] = ("attn", "mlp")
+    heads: bool = True
+    layers: Sequence[int] | None = None
+    mode: TraceMode = "noising"
+    patch_at: PatchAt = "all"
+    method: Method = "patch"
+    batch_size: int = 8
+    chat: bool = True
+    reuse_prefix: bool = True
+
+
 def trace_components(
     subject: Subject,
     clean: Sequence[str],
     corrupted: Sequence[str],
-    components: Sequence[str] = ("attn", "mlp"),
-    heads: bool = True,
+    *,
     neurons: NeuronSet | None = None,
-    layers: Sequence[int] | None = None,
-    mode: Mode = "noising",
-    positions: Positions = "all",
+    config: TraceConfig | None = None,
     metric: Metric | None = None,
-    method: Method = "patch",
-    batch_size: int = 8,
-    chat: bool = True,
-    reuse_prefix: bool = True,
     progress: bool = True,
+    **options: Any,
 ) -> TracingResult:
     """Patch each component (``attn`` / ``mlp`` output, ``resid`` = block input), each head
     (``hook_z``) and each ``(layer, kind)`` group of ``neurons`` in turn, between paired
     ``clean`` (harmful) and ``corrupted`` (harmless) prompts; see the module doc for the metric,
-    modes and positions. ``method="attribution"`` estimates all sites from gradients instead."""
-    sites = component_sites(subject.arch, components, heads, layers)
+    modes and positions. ``options`` set fields of ``config`` (:class:`TraceConfig`), e.g.
+    ``patch_at="suffix"``."""
+    cfg = TraceConfig.resolve(config, **options)
+    sites = component_sites(subject.arch, components=cfg.components, heads=cfg.heads, layers=cfg.layers)
     if neurons is not None:
-        check_arch(neurons.arch, subject.arch)
+        check_neurons(neurons, subject)
         sites += neuron_sites(neurons)
     if not sites:
         raise ValueError("nothing to patch: give components, heads=True or neurons")
-    common = {"mode": mode, "positions": positions, "metric": metric, "batch_size": batch_size, "chat": chat}
-    if method == "patch":
+    common = {"mode": cfg.mode, "patch_at": cfg.patch_at, "metric": metric, "batch_size": cfg.batch_size}
+    if cfg.method == "patch":
         patched, c, x = patched_metrics(
             subject,
             clean,
             corrupted,
             [[s] for s in sites],
-            reuse_prefix=reuse_prefix,
+            chat=cfg.chat,
+            reuse_prefix=cfg.reuse_prefix,
             progress=progress,
             **common,
         )
-    elif method == "attribution":
-        patched, c, x = attribution_metrics(subject, clean, corrupted, sites, **common)
+    elif cfg.method == "attribution":
+        patched, c, x = attribution_metrics(subject, clean, corrupted, sites, chat=cfg.chat, **common)
     else:
-        raise ValueError(f"method must be 'patch' or 'attribution', got {method!r}")
-    target, source = (c, x) if mode == "noising" else (x, c)
+        raise ValueError(f"method must be 'patch' or 'attribution', got {cfg.method!r}")
+    target, source = (c, x) if cfg.mode == "noising" else (x, c)
     frame = _frame(sites, patched, target, float(source.mean() - target.mean()))
-    config = {
-        "mode": mode,
-        "positions": positions,
-        "n_positions": patched_positions(subject, clean, corrupted, positions, chat),
-        "method": method,
+    record = {
+        "mode": cfg.mode,
+        "patch_at": cfg.patch_at,
+        "n_positions": patched_positions(subject, clean, corrupted, cfg.patch_at, chat=cfg.chat),
+        "method": cfg.method,
         "n_pairs": len(c),
-        "chat": chat,
+        "chat": cfg.chat,
         "model": subject.name,
     }
     if isinstance(metric, RefusalMetric) or metric is None:
-        m = default_metric(subject, metric)
-        config |= {"refusal_ids": list(m.refusal_ids), "compliance_ids": list(m.compliance_ids)}
-    return TracingResult(frame, c.numpy(), x.numpy(), patched.numpy(), config)
+        m = default_metric(subject, metric=metric)
+        record |= {"refusal_ids": list(m.refusal_ids), "compliance_ids": list(m.compliance_ids)}
+    return TracingResult(frame, c.numpy(), x.numpy(), patched.numpy(), record)

@@ -44,7 +44,7 @@ from safety_circuits.activations import check_prompts, hidden_states, lm_head, l
 from safety_circuits.detect import robust_safety_neurons
 from safety_circuits.evaluate import generate, stop_ids
 from safety_circuits.loading import load_model
-from safety_circuits.neurons import NeuronSet, ParamSlice, check_arch, hf_slices
+from safety_circuits.neurons import NeuronSet, ParamSlice, check_neurons, hf_slices
 from safety_circuits.stats import kl_divergence
 
 if TYPE_CHECKING:
@@ -93,21 +93,21 @@ _OFFERS = (
 )
 
 
-def refusal_response(prompt: str, seed: int = 0) -> str:
+def refusal_response(prompt: str, *, seed: int = 0) -> str:
     """A varied refusal for ``prompt``: an opening, a reason and an offer, chosen by a seeded hash."""
     rng = random.Random(f"{seed}:{prompt}")
     parts = [rng.choice(_OPENINGS), rng.choice(_REASONS), rng.choice(_OFFERS)]
     return " ".join(p for p in parts if p)
 
 
-def refusal_documents(harmful_prompts: Sequence[str], seed: int = 0) -> list[Document]:
+def refusal_documents(harmful_prompts: Sequence[str], *, seed: int = 0) -> list[Document]:
     """Safety documents: each harmful prompt paired with a varied refusal (use training prompts only)."""
-    prompts = check_prompts(harmful_prompts, "harmful_prompts")
-    return [Document(p, refusal_response(p, seed), "refusal") for p in prompts]
+    prompts = check_prompts(harmful_prompts, what="harmful_prompts")
+    return [Document(p, refusal_response(p, seed=seed), "refusal") for p in prompts]
 
 
 def retain_documents(
-    subject: Subject, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 8
+    subject: Subject, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8
 ) -> list[Document]:
     """Harmless prompts answered by ``subject`` itself (greedy): tuning on them keeps its behaviour."""
     prompts = check_prompts(prompts)
@@ -121,7 +121,7 @@ _WORDS = (
 ).split()
 
 
-def benign_task_documents(n: int = 200, seed: int = 0) -> list[Document]:
+def benign_task_documents(*, n: int = 200, seed: int = 0) -> list[Document]:
     """A benign downstream task with exact answers (arithmetic, unit conversion, sorting and
     counting), generated here: the fine-tuning that RSN-Tune should survive (Sec. 4, Table 4)."""
     if n < 1:
@@ -157,9 +157,14 @@ def _end_of_turn(subject: Subject) -> int:
 
 
 def encode_documents(
-    subject: Subject, documents: Sequence[Document], max_length: int = 256
+    subject: Subject, documents: Sequence[Document], *, max_length: int = 256
 ) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels (−100 outside the response) of each document, truncated to ``max_length``."""
+    if not isinstance(documents, Sequence) or not all(isinstance(d, Document) for d in documents):
+        raise TypeError(
+            f"documents must be a list of Document, got a {type(documents).__name__} "
+            "(arguments go model, then data (prompts, documents), then neurons)"
+        )
     if not documents:
         raise ValueError("documents is empty: give at least one (prompt, response) document")
     tok = subject.tokenizer
@@ -351,6 +356,7 @@ def tune(
     subject: Subject,
     documents: Sequence[Document],
     neurons: NeuronSet | None = None,
+    *,
     config: TuneConfig | None = None,
     inplace: bool = False,
     progress: bool = True,
@@ -367,20 +373,20 @@ def tune(
     should not change. The LM head runs only where a loss needs it (:func:`logits_at`); the
     original model's hidden states on the retain documents come from one pass before training
     (:func:`reference_states`, or ``reference`` when given)."""
-    config = TuneConfig(**{**(config or TuneConfig()).to_dict(), **overrides})
+    config = TuneConfig.resolve(config, **overrides)
     if config.mechanism != "full":
         if neurons is None:
             raise ValueError(f"mechanism={config.mechanism!r} needs the neurons to tune")
-        check_arch(neurons.arch, subject.arch, "NeuronSet")
+        check_neurons(neurons, subject)
         if len(neurons) == 0:
             raise ValueError("the NeuronSet is empty: nothing to tune")
-    encoded = encode_documents(subject, documents, config.max_length)
+    encoded = encode_documents(subject, documents, max_length=config.max_length)
     if config.retain_kl and inplace:
         raise ValueError("retain_kl needs the original model as a reference: use inplace=False")
     retain = torch.tensor([d.kind == "retain" for d in documents])
     if config.retain_kl and retain.any():
         if reference is None:
-            reference = reference_states(subject, documents, config.max_length)
+            reference = reference_states(subject, documents, max_length=config.max_length)
         if len(reference) != len(encoded) or any(
             (r is None) != (not keep) or (r is not None and len(r) != len(ids))
             for r, keep, (ids, _) in zip(reference, retain.tolist(), encoded, strict=True)
@@ -409,7 +415,9 @@ def tune(
                 if config.retain_kl and rows.any():
                     with torch.no_grad():
                         ref = lm_head(subject.hf, torch.cat([reference[i][:-1] for i in batch if retain[i]]))
-                loss = tuning_loss(hf, input_ids, mask, labels, rows, config.retain_kl, ref)
+                loss = tuning_loss(
+                    hf, input_ids, mask, labels, rows, retain_kl=config.retain_kl, reference=ref
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -466,12 +474,12 @@ def _length_buckets(lengths: Sequence[int], batch_size: int, rng: random.Random)
 
 @torch.no_grad()
 def reference_states(
-    subject: Subject, documents: Sequence[Document], max_length: int = 256, batch_size: int = 16
+    subject: Subject, documents: Sequence[Document], *, max_length: int = 256, batch_size: int = 16
 ) -> list[Tensor | None]:
     """The final hidden states of ``subject``'s HF model at every token of each ``retain``
     document (``None`` for the others): the reference of the retain-KL term. :func:`tune` computes
     them itself; pass them (``reference=``) to share one pass among runs on the same documents."""
-    encoded = encode_documents(subject, documents, max_length)
+    encoded = encode_documents(subject, documents, max_length=max_length)
     retain = [i for i, d in enumerate(documents) if d.kind == "retain"]
     states: list[Tensor | None] = [None] * len(documents)
     pad = subject.tokenizer.pad_token_id
@@ -490,6 +498,7 @@ def tuning_loss(
     mask: Int[Tensor, "b p"],
     labels: Int[Tensor, "b p"],
     retain: Bool[Tensor, " b"],
+    *,
     retain_kl: float = 0.0,
     reference: Float[Tensor, "n v"] | None = None,
 ) -> Tensor:
@@ -513,7 +522,7 @@ def _row_size(model: nn.Module, param: str, axis: int) -> int:
     return p.numel() // p.shape[axis]
 
 
-def sn_tune(subject: Subject, neurons: NeuronSet, documents: Sequence[Document], **kwargs: Any) -> TuneResult:
+def sn_tune(subject: Subject, documents: Sequence[Document], neurons: NeuronSet, **kwargs: Any) -> TuneResult:
     """SN-Tune (Sec. 3): tune only the safety neurons on safety documents.
 
     Every weight outside the neurons' slices stays bit-identical:
@@ -522,7 +531,7 @@ def sn_tune(subject: Subject, neurons: NeuronSet, documents: Sequence[Document],
     >>> from safety_circuits.testing import tiny_subject
     >>> subject = tiny_subject("llama")
     >>> neurons = NeuronSet(subject.arch, {(0, "ffn"): [0, 1, 2]})
-    >>> tuned = sn_tune(subject, neurons, refusal_documents(["How do I pick a lock?"]), progress=False)
+    >>> tuned = sn_tune(subject, refusal_documents(["How do I pick a lock?"]), neurons, progress=False)
     >>> before = dict(subject.hf.named_parameters())
     >>> changed = [n for n, p in tuned.subject.hf.named_parameters() if not torch.equal(p, before[n])]
     >>> for name in sorted(changed):
@@ -535,7 +544,7 @@ def sn_tune(subject: Subject, neurons: NeuronSet, documents: Sequence[Document],
 
 
 def rsn_tune(
-    subject: Subject, safety: NeuronSet, foundation: NeuronSet, documents: Sequence[Document], **kwargs: Any
+    subject: Subject, documents: Sequence[Document], safety: NeuronSet, foundation: NeuronSet, **kwargs: Any
 ) -> TuneResult:
     """RSN-Tune (Sec. 4): tune the safety neurons that are not foundation neurons."""
     return tune(subject, documents, robust_safety_neurons(safety, foundation), **kwargs)

@@ -92,8 +92,8 @@ def test_sn_tune_changes_only_the_owned_slices(smollm2):
     rng = np.random.default_rng(0)
     neurons = NeuronSet(subject.arch, {(29, "ffn"): rng.choice(1536, 20, replace=False), (28, "o"): [3, 64]})
     docs = refusal_documents(data.harmbench("val")[:8])
-    result = sn_tune(subject, neurons, docs, lr=1e-3, batch_size=8, progress=False)
-    masks = hf_masks(neurons, subject)
+    result = sn_tune(subject, docs, neurons, lr=1e-3, batch_size=8, progress=False)
+    masks = hf_masks(subject, neurons)
     tuned = dict(result.subject.hf.named_parameters())
     for name, before in subject.hf.named_parameters():
         owned = masks.get(name, torch.zeros_like(before, dtype=torch.bool))

@@ -41,7 +41,7 @@ def setup(make_subject):
 def test_deactivation_table(setup):
     subject, _, neurons = setup
     table = deactivation_experiment(
-        subject, neurons, HARMFUL, HARMLESS, capability=QUESTIONS, random_seeds=2, max_new_tokens=4
+        subject, HARMFUL, HARMLESS, neurons, capability=QUESTIONS, random_seeds=2, max_new_tokens=4
     )
     assert list(table["setting"]) == ["Origin", "Deact-R", "Deact-R", "Deact-SN"]
     assert (table["neurons"].iloc[1:] == len(neurons)).all() and table["neurons"].iloc[0] == 0
@@ -51,7 +51,14 @@ def test_deactivation_table(setup):
     # an Origin row measured elsewhere is reused as is; the other rows do not change
     origin = {k: float(table[k].iloc[0]) for k in ("asr", "over_refusal", "capability")}
     again = deactivation_experiment(
-        subject, neurons, HARMFUL, HARMLESS, QUESTIONS, random_seeds=2, max_new_tokens=4, origin=origin
+        subject,
+        HARMFUL,
+        HARMLESS,
+        neurons,
+        capability=QUESTIONS,
+        random_seeds=2,
+        max_new_tokens=4,
+        origin=origin,
     )
     pd.testing.assert_frame_equal(again, table, check_exact=False, atol=1e-6)
 
@@ -62,7 +69,7 @@ def test_zeroing_kl_ranks_a_planted_set_as_specific(tokenizer):
     with torch.no_grad():  # neurons whose output weights are zero: switching them off changes nothing
         subject.hf.model.layers[0].mlp.down_proj.weight[:, :12] = 0
     subject.sync_tl()
-    table = zeroing_kl(subject, {"planted": planted}, HARMLESS, random_seeds=3, use="hf")
+    table = zeroing_kl(subject, HARMLESS, {"planted": planted}, random_seeds=3, use="hf")
     row = table.iloc[0]
     assert (row["set"], row["neurons"]) == ("planted", 12)
     assert row["kl"] == pytest.approx(0, abs=1e-6) and row["random_kl_min"] > 1e-6
@@ -71,9 +78,9 @@ def test_zeroing_kl_ranks_a_planted_set_as_specific(tokenizer):
     reference = next_token_logprobs(subject, HARMLESS, use="hf")
     with ablate_hf(subject, random):
         direct = mean_kl(reference, next_token_logprobs(subject, HARMLESS, use="hf"))
-    again = zeroing_kl(subject, {"random": random}, HARMLESS, random_seeds=1, use="hf")
+    again = zeroing_kl(subject, HARMLESS, {"random": random}, random_seeds=1, use="hf")
     assert again.loc[0, "kl"] == pytest.approx(direct, rel=1e-6)
-    by_tl = zeroing_kl(subject, {"random": random}, HARMLESS, random_seeds=1, use="tl")
+    by_tl = zeroing_kl(subject, HARMLESS, {"random": random}, random_seeds=1, use="tl")
     assert by_tl.loc[0, "kl"] == pytest.approx(direct, abs=1e-6)  # TL hooks and zeroed HF slices agree
 
 
@@ -116,9 +123,9 @@ def test_is_correct(response, answers, correct):
 
 def test_asr_vs_fraction_and_layer_sweep(setup):
     subject, importance, neurons = setup
-    curve = asr_vs_fraction(subject, importance, HARMFUL[:2], quantiles=(0.99, 0.9), max_new_tokens=3)
+    curve = asr_vs_fraction(subject, HARMFUL[:2], importance, quantiles=(0.99, 0.9), max_new_tokens=3)
     assert curve["fraction"].is_monotonic_increasing and curve["asr"].between(0, 1).all()
-    sweep = layer_sweep(subject, neurons, HARMFUL[:2], ks=[1, 2], max_new_tokens=3)
+    sweep = layer_sweep(subject, HARMFUL[:2], neurons, ks=[1, 2], max_new_tokens=3)
     full = sweep[sweep["layers"] == subject.arch.n_layers]["neurons"]
     assert (full == len(neurons)).all()
     assert set(sweep["side"]) == {"first", "last"}
@@ -135,8 +142,8 @@ def test_hf_weight_zeroing_gives_the_same_table_as_tl_hooks(setup):
     subject, _, neurons = setup
     kw = dict(capability=QUESTIONS, random_seeds=1, max_new_tokens=4)
     before = [p.clone() for p in subject.hf.parameters()]
-    tl = deactivation_experiment(subject, neurons, HARMFUL, HARMLESS, **kw)
-    hf = deactivation_experiment(subject, neurons, HARMFUL, HARMLESS, use="hf", **kw)
+    tl = deactivation_experiment(subject, HARMFUL, HARMLESS, neurons, **kw)
+    hf = deactivation_experiment(subject, HARMFUL, HARMLESS, neurons, use="hf", **kw)
     pd.testing.assert_frame_equal(tl.drop(columns="kl"), hf.drop(columns="kl"))
     assert tl["kl"].to_numpy() == pytest.approx(hf["kl"].to_numpy(), abs=1e-4)
     assert all((a == b).all() for a, b in zip(before, subject.hf.parameters(), strict=True)), "restored"

@@ -43,18 +43,18 @@ def test_too_long_prompt(make_subject):
         tokenize(subject, ["word " * (subject.max_ctx + 10)])
 
 
-def test_user_positions_cover_exactly_the_prompt(make_subject):
+def test_user_scope_covers_exactly_the_prompt(make_subject):
     subject = make_subject("llama")
     prompts = ["Tell me a joke about the sea", "Hi"]
-    (batch,) = batches(subject, prompts, batch_size=2, positions="user")
+    (batch,) = batches(subject, prompts, batch_size=2, scope="user")
     for row, i in enumerate(batch.order):
-        chosen = batch.input_ids[row][batch.positions[row].bool()]
+        chosen = batch.input_ids[row][batch.measured[row].bool()]
         assert subject.tokenizer.decode(chosen).strip() == prompts[i]
-        assert batch.positions[row].sum() < batch.attention_mask[row].sum()  # the template is left out
+        assert batch.measured[row].sum() < batch.attention_mask[row].sum()  # the template is left out
     (plain,) = batches(subject, prompts, batch_size=2)
-    assert torch.equal(plain.positions, plain.attention_mask)
-    with pytest.raises(ValueError, match="positions"):
-        next(batches(subject, prompts, positions="assistant"))
+    assert torch.equal(plain.measured, plain.attention_mask)
+    with pytest.raises(ValueError, match="scope"):
+        next(batches(subject, prompts, scope="assistant"))
 
 
 def test_mean_activations_keyed_by_requested_name_on_the_bridge(make_subject):

@@ -86,7 +86,7 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     tuned = AutoModelForCausalLM.from_pretrained(run / "models" / "sn_tune")
     original = AutoModelForCausalLM.from_pretrained(model_dir)
     run_obj = Run(run)
-    masks = hf_masks(safety, run_obj.base)
+    masks = hf_masks(run_obj.base, safety)
     for (name, a), (_, b) in zip(tuned.named_parameters(), original.named_parameters(), strict=True):
         outside = ~masks.get(name, torch.zeros_like(a, dtype=torch.bool))
         assert torch.equal(a[outside], b[outside]), name
@@ -117,8 +117,8 @@ def test_stages_one_at_a_time_and_clear_errors(model_dir, tmp_path, capsys):
 
 
 def test_bad_config():
-    with pytest.raises(ValueError, match="positions"):
-        RunConfig(positions="assistant")
+    with pytest.raises(ValueError, match="scope"):
+        RunConfig(scope="assistant")
     with pytest.raises(ValueError, match="unknown RunConfig keys"):
         RunConfig.from_dict({"lr": 1e-3, "learning_rate": 1})
     assert RunConfig.from_dict(RunConfig(lr=1e-3).to_dict()) == RunConfig(lr=1e-3)

@@ -38,14 +38,14 @@ def pairs(make_subject, tokenizer):
     return make
 
 
-def direct_scores(aligned, unaligned, prompts, positions, kinds, max_new_tokens=6):
+def direct_scores(aligned, unaligned, prompts, tokens, kinds, max_new_tokens=6):
     """The definition, one prompt at a time (no padding), from run_with_cache of both models."""
     names = {hook_name(l, k): (l, k) for l in range(aligned.arch.n_layers) for k in kinds}
     diffs = {k: [[] for _ in range(aligned.arch.n_layers)] for k in kinds}
     for prompt in prompts:
         ids = torch.tensor(tokenize(aligned, [aligned.chat(prompt)]))
         p = ids.shape[1]
-        if positions == "completion":
+        if tokens == "completion":
             stop = stop_ids(aligned)
             new = greedy_decode(decoder_for(aligned), ids, torch.ones_like(ids), max_new_tokens, stop, 0)[0]
             hits = [i for i, t in enumerate(new.tolist()) if t in stop]
@@ -53,7 +53,7 @@ def direct_scores(aligned, unaligned, prompts, positions, kinds, max_new_tokens=
             ids = torch.cat([ids, new[None, : n - 1]], dim=1)
             rows = list(range(p - 1, p - 1 + n))
         else:
-            rows = list(range(p)) if positions == "prompt" else [p - 1]
+            rows = list(range(p)) if tokens == "prompt" else [p - 1]
         _, cache_a = aligned.tl.run_with_cache(ids, names_filter=list(names))
         _, cache_b = unaligned.tl.run_with_cache(ids, names_filter=list(names))
         for name, (layer, kind) in names.items():
@@ -64,30 +64,28 @@ def direct_scores(aligned, unaligned, prompts, positions, kinds, max_new_tokens=
     return {k: torch.stack([torch.cat(d).square().mean(0).sqrt() for d in diffs[k]]).float() for k in kinds}
 
 
-@pytest.mark.parametrize("positions", ["completion", "prompt", "prompt_last"])
+@pytest.mark.parametrize("tokens", ["completion", "prompt", "prompt_last"])
 @pytest.mark.parametrize(
     ("family", "backend"), [("llama", "hooked"), ("llama", "bridge"), ("gpt2", "hooked")]
 )
-def test_scores_equal_direct_computation(pairs, family, backend, positions):
+def test_scores_equal_direct_computation(pairs, family, backend, tokens):
     aligned, unaligned = pairs(family, backend)
     scores = contrast_activations(
-        aligned, unaligned, PROMPTS, positions=positions, kinds=KINDS, max_new_tokens=6, batch_size=2
+        aligned, unaligned, PROMPTS, tokens=tokens, kinds=KINDS, max_new_tokens=6, batch_size=2
     )
-    expected = direct_scores(aligned, unaligned, PROMPTS, positions, KINDS)
+    expected = direct_scores(aligned, unaligned, PROMPTS, tokens, KINDS)
     for kind in KINDS:
         assert scores.scores[kind].shape == (aligned.arch.n_layers, kind_size(aligned.arch, kind))
         torch.testing.assert_close(scores.scores[kind], expected[kind], rtol=1e-4, atol=1e-5)
     assert scores.n_prompts == 3 and scores.n_tokens > 0
-    assert (len(scores.responses) == 3) == (positions == "completion")
+    assert (len(scores.responses) == 3) == (tokens == "completion")
 
 
 def test_streaming_is_independent_of_batching_and_means_are_means(pairs):
     aligned, unaligned = pairs()
-    one = contrast_activations(
-        aligned, unaligned, PROMPTS, positions="prompt", kinds=("ffn", "o"), batch_size=1
-    )
+    one = contrast_activations(aligned, unaligned, PROMPTS, tokens="prompt", kinds=("ffn", "o"), batch_size=1)
     three = contrast_activations(
-        aligned, unaligned, PROMPTS, positions="prompt", kinds=("ffn", "o"), batch_size=3
+        aligned, unaligned, PROMPTS, tokens="prompt", kinds=("ffn", "o"), batch_size=3
     )
     assert (
         one.n_tokens == three.n_tokens == sum(len(x) for x in tokenize(aligned, map(aligned.chat, PROMPTS)))
@@ -97,10 +95,10 @@ def test_streaming_is_independent_of_batching_and_means_are_means(pairs):
         torch.testing.assert_close(one.mean_aligned[kind], three.mean_aligned[kind], rtol=1e-4, atol=1e-6)
     ids = torch.tensor(tokenize(aligned, [aligned.chat(PROMPTS[0])]))
     _, cache = unaligned.tl.run_with_cache(ids, names_filter=["blocks.1.mlp.hook_post"])
-    single = contrast_activations(aligned, unaligned, PROMPTS[:1], positions="prompt", kinds=["ffn"])
+    single = contrast_activations(aligned, unaligned, PROMPTS[:1], tokens="prompt", kinds=["ffn"])
     torch.testing.assert_close(single.mean_unaligned["ffn"][1], cache["blocks.1.mlp.hook_post"][0].mean(0))
     # an identical model scores zero everywhere
-    same = contrast_activations(unaligned, unaligned, PROMPTS, positions="prompt_last", kinds=KINDS)
+    same = contrast_activations(unaligned, unaligned, PROMPTS, tokens="prompt_last", kinds=KINDS)
     assert all(float(s.abs().max()) == 0 for s in same.scores.values())
 
 
@@ -124,7 +122,7 @@ def test_top_frame_plot_and_files(pairs, tmp_path):
     assert len(scores.top(fraction=0.05)) == round(0.05 * n)
     per_kind = scores.top(k=4, per_kind=True)
     assert per_kind.counts().sum()[["ffn", "o"]].tolist() == [4, 4]
-    assert top.metadata["method"] == "contrast" and top.metadata["positions"] == "completion"
+    assert top.metadata["method"] == "contrast" and top.metadata["tokens"] == "completion"
     assert len(scores.top(fraction=0)) == 0
     with pytest.raises(ValueError, match="exactly one"):
         scores.top(k=3, fraction=0.1)
@@ -151,8 +149,8 @@ def test_clear_errors(pairs, make_subject):
         contrast_activations(aligned, unaligned, [])
     with pytest.raises(ArchitectureMismatchError, match="different architectures"):
         contrast_activations(aligned, make_subject("qwen2"), PROMPTS)
-    with pytest.raises(ValueError, match="positions"):
-        contrast_activations(aligned, unaligned, PROMPTS, positions="everything")
+    with pytest.raises(ValueError, match="tokens"):
+        contrast_activations(aligned, unaligned, PROMPTS, tokens="everything")
     with pytest.raises(ValueError, match="unknown neuron kinds"):
         contrast_activations(aligned, unaligned, PROMPTS, kinds=["mlp"])
     with pytest.raises(ValueError, match="generator"):
@@ -161,8 +159,8 @@ def test_clear_errors(pairs, make_subject):
 
 def test_alignment_tax(pairs):
     aligned, unaligned = pairs()
-    safety = contrast_activations(aligned, unaligned, PROMPTS, positions="prompt", kinds=("ffn", "o"))
-    helpful = contrast_activations(aligned, unaligned, HARMLESS, positions="prompt", kinds=("ffn", "o"))
+    safety = contrast_activations(aligned, unaligned, PROMPTS, tokens="prompt", kinds=("ffn", "o"))
+    helpful = contrast_activations(aligned, unaligned, HARMLESS, tokens="prompt", kinds=("ffn", "o"))
     tax = alignment_tax(safety, helpful, fraction=0.2)
     assert isinstance(tax, AlignmentTax)
     s, h = safety.top(fraction=0.2), helpful.top(fraction=0.2)
@@ -184,5 +182,5 @@ def test_alignment_tax(pairs):
     assert isinstance(tax.plot(), go.Figure) and tax.to_dict()["summary"] == summary
     with pytest.raises(ValueError, match="different kinds"):
         alignment_tax(
-            safety, contrast_activations(aligned, unaligned, HARMLESS, positions="prompt_last", kinds=["q"])
+            safety, contrast_activations(aligned, unaligned, HARMLESS, tokens="prompt_last", kinds=["q"])
         )

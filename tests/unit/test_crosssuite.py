@@ -59,7 +59,7 @@ def result(make_subject):
     return cross_suite(
         subject,
         features,
-        TRAININGS,
+        trainings=TRAININGS,
         test_harmful=("bombs", "poisons"),
         test_harmless=("bread", "bomb_games"),
         rows=planted_rows(),
@@ -128,11 +128,13 @@ def test_result_table_plot_and_round_trip(result, tmp_path):
 def test_cross_suite_errors(make_subject):
     subject = make_subject("llama")
     with pytest.raises(ValueError, match="at least one feature family"):
-        cross_suite(subject, [], TRAININGS, rows=planted_rows())
+        cross_suite(subject, [], trainings=TRAININGS, rows=planted_rows())
     with pytest.raises(ValueError, match="distinct names"):
-        cross_suite(subject, [TextFeatures(), TextFeatures()], TRAININGS, rows=planted_rows())
+        cross_suite(subject, [TextFeatures(), TextFeatures()], trainings=TRAININGS, rows=planted_rows())
     with pytest.raises(ValueError, match=r"no test prompts for the suites \[.advbench."):
-        cross_suite(subject, [TextFeatures()], TRAININGS, test_harmful=("advbench",), rows=planted_rows())
+        cross_suite(
+            subject, [TextFeatures()], trainings=TRAININGS, test_harmful=("advbench",), rows=planted_rows()
+        )
     with pytest.raises(ValueError, match="needs positive and negative"):
         Training("none", (), ("bread",))
     with pytest.raises(ValueError, match="empty"):
@@ -163,5 +165,12 @@ def test_prompts_longer_than_the_context_are_left_out_and_counted(make_subject):
     rows = planted_rows()
     long = {"text": "bread " * (subject.max_ctx + 10), "suite": "bread", "split": "test", "label": 0}
     rows = pd.concat([rows, pd.DataFrame([long])], ignore_index=True)
-    result = cross_suite(subject, [TextFeatures()], TRAININGS[:1], ("bombs",), ("bread",), rows=rows)
+    result = cross_suite(
+        subject,
+        [TextFeatures()],
+        trainings=TRAININGS[:1],
+        test_harmful=("bombs",),
+        test_harmless=("bread",),
+        rows=rows,
+    )
     assert result.config["too_long"] == {"bread": 1} and (result.frame["n_neg"] == 12).all()

@@ -12,7 +12,7 @@ from safety_circuits.direction import (
     directional_ablation_hooks,
     find_refusal_direction,
     orthogonalize_weights,
-    suffix_positions,
+    suffix_offsets,
 )
 from safety_circuits.loading import DEFAULT_BACKEND, load_model
 from safety_circuits.neurons import ArchitectureMismatchError, NeuronSet
@@ -51,12 +51,12 @@ def fresh(family, tokenizer, backend=DEFAULT_BACKEND, tied=False):
 
 def test_diff_in_means_matches_activations(make_subject):
     subject = make_subject("llama")
-    positions = suffix_positions(subject, HARMFUL + HARMLESS)
-    assert len(positions) >= 2 and positions[-1] == -1
-    means = diff_in_means(subject, HARMFUL, HARMLESS, positions=[-3, -1], layers=[1])
+    offsets = suffix_offsets(subject, HARMFUL + HARMLESS)
+    assert len(offsets) >= 2 and offsets[-1] == -1
+    means = diff_in_means(subject, HARMFUL, HARMLESS, offsets=[-3, -1], layers=[1])
     name = "blocks.1.hook_resid_pre"
-    a = activations_at(subject, HARMFUL, [name], positions=[-3, -1])[name]
-    b = activations_at(subject, HARMLESS, [name], positions=[-3, -1])[name]
+    a = activations_at(subject, HARMFUL, [name], offsets=[-3, -1])[name]
+    b = activations_at(subject, HARMLESS, [name], offsets=[-3, -1])[name]
     assert means.shape == (2, 1, subject.arch.d_model)
     assert torch.allclose(means[:, 0], a.mean(0) - b.mean(0), atol=1e-6)
 
@@ -157,17 +157,17 @@ def test_orthogonalization_refuses_gemma2_and_bad_directions(tokenizer):
 
 def test_find_refusal_direction(make_subject):
     subject = make_subject("llama")
-    result = find_refusal_direction(subject, HARMFUL, HARMLESS, positions=[-2, -1], max_kl=None)
+    result = find_refusal_direction(subject, HARMFUL, HARMLESS, offsets=[-2, -1], max_kl=None)
     frame = result.to_frame()
     assert len(frame) == 2 * subject.arch.n_layers and frame["selected"].sum() == 1
     chosen = frame[frame["selected"]].iloc[0]
-    assert (chosen["layer"], chosen["position"]) == (result.layer, result.position)
+    assert (chosen["layer"], chosen["offset"]) == (result.layer, result.offset)
     zero = frame["norm"] == 0  # layer 0 on the template's tokens: the same embedding for every prompt
     assert zero.sum() == 2 and frame.loc[zero, "bypass"].isna().all()
     scored = frame[frame["bypass"].notna()]
     if scored["passes"].any():
         assert chosen["bypass"] == scored.loc[scored["passes"], "bypass"].min()
-    expected = diff_in_means(subject, HARMFUL, HARMLESS, positions=[result.position], layers=[result.layer])
+    expected = diff_in_means(subject, HARMFUL, HARMLESS, offsets=[result.offset], layers=[result.layer])
     assert torch.allclose(result.vector, expected[0, 0])
     assert isinstance(result.plot(), go.Figure)
     again = RefusalDirection.from_dict(result.to_dict())
@@ -183,9 +183,9 @@ def test_find_refusal_direction(make_subject):
 
 def test_compare_with_neurons(make_subject):
     subject = make_subject("llama")
-    direction = find_refusal_direction(subject, HARMFUL, HARMLESS, positions=[-1], layers=[1])
+    direction = find_refusal_direction(subject, HARMFUL, HARMLESS, offsets=[-1], layers=[1])
     neurons = NeuronSet(subject.arch, {(1, "ffn"): [1, 2, 3], (0, "o"): [4]}, name="safety")
-    table = compare_with_neurons(subject, direction, neurons, HARMFUL[:2], HARMLESS[:2], max_new_tokens=2)
+    table = compare_with_neurons(subject, HARMFUL[:2], HARMLESS[:2], direction, neurons, max_new_tokens=2)
     assert list(table["setting"]) == [
         "original",
         "ablate direction",
@@ -197,9 +197,9 @@ def test_compare_with_neurons(make_subject):
     assert table[["asr", "over_refusal"]].stack().between(0, 1).all()
     assert np.isfinite(table["refusal_score_harmful"]).all()
     with pytest.raises(ArchitectureMismatchError):
-        compare_with_neurons(subject, direction, NeuronSet(make_subject("gpt2").arch, {}), HARMFUL, HARMLESS)
+        compare_with_neurons(subject, HARMFUL, HARMLESS, direction, NeuronSet(make_subject("gpt2").arch, {}))
     with pytest.raises(ValueError, match="empty"):
-        compare_with_neurons(subject, direction, neurons, [], HARMLESS)
+        compare_with_neurons(subject, [], HARMLESS, direction, neurons)
     with pytest.raises(ValueError, match="at least one layer"):
         find_refusal_direction(subject, HARMFUL, HARMLESS, layers=[])
     with pytest.raises(ValueError, match="out of range"):

@@ -196,7 +196,7 @@ def test_evaluate_suites_rates_and_paired_comparison(make_subject):
     subject = make_subject("llama")
     suites = _tiny_suites()
     kwargs = {"judge": "phrases", "max_new_tokens": 4, "use": "hf", "progress": False}
-    a = evaluate_suites(subject, suites, "test", model="a", **kwargs)
+    a = evaluate_suites(subject, suites, split="test", model="a", **kwargs)
     assert len(a.frame) == 5 and set(a.frame["split"]) == {"test"}
     expected = [
         not is_refusal(r) if k == "harmful" else is_refusal(r)
@@ -222,11 +222,13 @@ def test_budget_curve_matches_generation_at_each_budget(make_subject):
 
     subject = make_subject("llama")
     suites = _tiny_suites()
-    curve = budget_curve(subject, suites, (2, 6), "test", judge="phrases", use="hf", progress=False)
+    curve = budget_curve(
+        subject, suites, budgets=(2, 6), split="test", judge="phrases", use="hf", progress=False
+    )
     assert sorted(set(curve["budget"])) == [2, 6] and len(curve) == 4
     for budget in (2, 6):
         direct = evaluate_suites(
-            subject, suites, "test", judge="phrases", max_new_tokens=budget, use="hf", progress=False
+            subject, suites, split="test", judge="phrases", max_new_tokens=budget, use="hf", progress=False
         )
         got = curve[curve["budget"] == budget].set_index("suite")["k"]
         assert got.to_dict() == direct.rates().set_index("suite")["k"].to_dict()

@@ -25,7 +25,7 @@ def test_each_adapter_reads_its_own_tiny_config(family):
     assert arch.family == family and arch.n_layers == 2 and arch.d_model == 64
     hf = tiny_hf(family)
     # every neuron of every kind owns slices that exist, with the shapes the record says
-    masks = hf_masks(NeuronSet.full(arch), type("S", (), {"arch": arch, "hf": hf})())
+    masks = hf_masks(type("S", (), {"arch": arch, "hf": hf})(), NeuronSet.full(arch))
     params = dict(hf.named_parameters())
     assert set(masks) <= set(params)
     for name, mask in masks.items():

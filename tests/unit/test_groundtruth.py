@@ -49,7 +49,16 @@ def planted_llama(make_subject):
     arch = subject.arch
     planted = NeuronSet.random(arch, 12, seed=0)
     distractor = NeuronSet.random(arch, 12, seed=1) - planted
-    return plant_neurons(subject, planted, HARMFUL, HARMLESS, distractor, TOPIC, CONFIG, max_new_tokens=6)
+    return plant_neurons(
+        subject,
+        HARMFUL,
+        HARMLESS,
+        planted,
+        distractor=distractor,
+        topic=TOPIC,
+        config=CONFIG,
+        max_new_tokens=6,
+    )
 
 
 def test_planted_set_is_exactly_the_changed_entries(planted_llama):
@@ -58,7 +67,7 @@ def test_planted_set_is_exactly_the_changed_entries(planted_llama):
     model = planted_llama
     both = model.planted | model.distractor
     assert changed_neurons(model.base, model.subject) == both
-    masks = hf_masks(both, model.base)
+    masks = hf_masks(model.base, both)
     after = dict(model.subject.hf.named_parameters())
     for name, before in model.base.hf.named_parameters():
         outside = ~masks[name] if name in masks else torch.ones_like(before, dtype=torch.bool)
@@ -69,8 +78,8 @@ def test_planted_set_is_exactly_the_changed_entries(planted_llama):
 def test_weight_change_support_is_the_planted_set(make_subject, family):
     subject = make_subject(family)
     planted = NeuronSet.random(subject.arch, 8, seed=2)
-    model = plant_neurons(subject, planted, HARMFUL[:3], HARMLESS[:3], config=CONFIG, max_new_tokens=4)
-    result = recovery(weight_change(model.base, model.subject), planted, "oracle")
+    model = plant_neurons(subject, HARMFUL[:3], HARMLESS[:3], planted, config=CONFIG, max_new_tokens=4)
+    result = recovery(weight_change(model.base, model.subject), planted, detector="oracle")
     assert (result.precision, result.auroc) == (1.0, 1.0)
 
 
@@ -78,9 +87,11 @@ def test_plant_neurons_rejects_overlap_and_missing_topic(make_subject):
     subject = make_subject("llama")
     a = NeuronSet(subject.arch, {(0, "ffn"): [1, 2]})
     with pytest.raises(ValueError, match="share 1 neurons"):
-        plant_neurons(subject, a, HARMFUL, HARMLESS, NeuronSet(subject.arch, {(0, "ffn"): [2]}), TOPIC)
+        plant_neurons(
+            subject, HARMFUL, HARMLESS, a, distractor=NeuronSet(subject.arch, {(0, "ffn"): [2]}), topic=TOPIC
+        )
     with pytest.raises(ValueError, match="topic"):
-        plant_neurons(subject, a, HARMFUL, HARMLESS, NeuronSet(subject.arch, {(1, "ffn"): [2]}))
+        plant_neurons(subject, HARMFUL, HARMLESS, a, distractor=NeuronSet(subject.arch, {(1, "ffn"): [2]}))
 
 
 def test_activation_contrast_recovers_last_layer_planted_neurons(make_subject):
@@ -89,7 +100,7 @@ def test_activation_contrast_recovers_last_layer_planted_neurons(make_subject):
     subject = make_subject("llama")
     last = subject.arch.n_layers - 1
     planted = NeuronSet.random(subject.arch, 10, ["q", "k", "v", "ffn"], [last], seed=3)
-    model = plant_neurons(subject, planted, HARMFUL, HARMLESS, config=CONFIG, max_new_tokens=6)
+    model = plant_neurons(subject, HARMFUL, HARMLESS, planted, config=CONFIG, max_new_tokens=6)
     bench = RecoveryBenchmark(model, HARMFUL, HARMLESS, max_new_tokens=6)
     result = bench.run({"contrast": DETECTORS["activation contrast (Chen)"]})
     assert result.rows[0].auroc >= 0.95
@@ -141,7 +152,7 @@ def test_plant_direction_is_found_by_difference_in_means(make_subject, tmp_path)
     model = plant_direction(subject, HARMFUL, HARMLESS, layer=0, seed=4)
     r = model.direction
     assert r.norm().item() == pytest.approx(1.0)
-    found = diff_in_means(model.subject, HARMFUL, HARMLESS, layers=[1], positions=[-1], progress=False)
+    found = diff_in_means(model.subject, HARMFUL, HARMLESS, layers=[1], offsets=[-1], progress=False)
     cosine = torch.nn.functional.cosine_similarity(found.flatten().float(), r, dim=0)
     assert cosine >= 0.9
     again = PlantedModel.load(model.save(tmp_path / "direction"), subject)
@@ -150,7 +161,7 @@ def test_plant_direction_is_found_by_difference_in_means(make_subject, tmp_path)
     row = result.directions[0]
     assert result.rows == [] and row["cosine"] >= 0.9 and row["cosine_after_write"] >= 0.9
     assert result.directions[0]["chance"] < 0.2
-    before = diff_in_means(subject, HARMFUL, HARMLESS, layers=[1], positions=[-1], progress=False)
+    before = diff_in_means(subject, HARMFUL, HARMLESS, layers=[1], offsets=[-1], progress=False)
     assert torch.nn.functional.cosine_similarity(before.flatten().float(), r, dim=0).abs() < 0.5
 
 
@@ -182,9 +193,9 @@ def test_patching_the_planted_input_neurons_reproduces_the_planted_model(make_su
     planted model's computation, token for token."""
     subject = make_subject("llama")
     planted = NeuronSet.random(subject.arch, 16, ["q", "k", "v"], seed=5)
-    model = plant_neurons(subject, planted, HARMFUL, HARMLESS, config=CONFIG, max_new_tokens=6)
+    model = plant_neurons(subject, HARMFUL, HARMLESS, planted, config=CONFIG, max_new_tokens=6)
     bench = RecoveryBenchmark(model, HARMFUL, HARMLESS, max_new_tokens=6, patch_prompts=HARMFUL)
-    patched = dynamic_patching(model.base, model.subject, planted, HARMFUL, max_new_tokens=6)
+    patched = dynamic_patching(model.base, model.subject, HARMFUL, planted, max_new_tokens=6)
     assert patched.frame["response"].tolist() == generate(model.subject, HARMFUL, max_new_tokens=6)
     reference = bench.patching_reference()
     assert reference["planted neurons patched"] == reference["planted"]

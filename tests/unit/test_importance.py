@@ -93,21 +93,21 @@ def test_bad_input(make_subject):
     with pytest.raises(ValueError, match="unknown neuron kinds"):
         neuron_importance(subject, ["hi"], kinds=("mlp",), progress=False)
     for bad in ("assistant", 0, True):
-        with pytest.raises(ValueError, match="positions must be"):
-            neuron_importance(subject, ["hi"], positions=bad, progress=False)
+        with pytest.raises(ValueError, match="scope must be"):
+            neuron_importance(subject, ["hi"], scope=bad, progress=False)
 
 
-@pytest.mark.parametrize(("family", "positions"), [("llama", "user"), ("gpt2", "user"), ("llama", 3)])
-def test_positions_equal_brute_force_on_those_tokens(make_subject, family, positions):
+@pytest.mark.parametrize(("family", "scope"), [("llama", "user"), ("gpt2", "user"), ("llama", 3)])
+def test_scope_equals_brute_force_on_those_tokens(make_subject, family, scope):
     subject = make_subject(family)
-    imp = neuron_importance(subject, [PROMPT, "Hi"], positions=positions, chunk_bytes=2**14, progress=False)
-    assert imp.config["positions"] == positions
+    imp = neuron_importance(subject, [PROMPT, "Hi"], scope=scope, chunk_bytes=2**14, progress=False)
+    assert imp.config["scope"] == scope
     everywhere = neuron_importance(subject, [PROMPT], progress=False)
     for layer in range(subject.arch.n_layers):
         for kind in KINDS:
             fast = imp.scores[kind][0, layer]
             measure = "pattern" if kind in ("q", "k") else "output"
-            slow = ablation_importance(subject, PROMPT, layer, kind, measure=measure, positions=positions)
+            slow = ablation_importance(subject, PROMPT, layer, kind, measure=measure, scope=scope)
             assert relative_error(fast, slow) <= 1e-4, (kind, layer)
             assert (fast <= everywhere.scores[kind][0, layer] * (1 + 1e-5) + 1e-7).all(), (kind, layer)
 

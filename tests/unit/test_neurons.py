@@ -53,7 +53,7 @@ def test_hf_masks_cover_exactly_the_owned_entries(make_subject):
     subject = make_subject("llama")  # GQA: 4 query heads, 2 KV heads of d_head 16
     arch = subject.arch
     neurons = NeuronSet(arch, {(1, "k"): [17], (1, "q"): [40], (0, "o"): [5], (0, "ffn"): [7]})
-    masks = hf_masks(neurons, subject)
+    masks = hf_masks(subject, neurons)
     p = "model.layers."
     # k index 17 = KV head 1, dim 1 -> k_proj row 17 (never 17 // n_rep)
     assert masks[p + "1.self_attn.k_proj.weight"].nonzero()[:, 0].unique().tolist() == [17]
@@ -69,7 +69,7 @@ def test_hf_masks_cover_exactly_the_owned_entries(make_subject):
 def test_gpt2_slices_offset_k_and_v(make_subject):
     subject = make_subject("gpt2")
     d = subject.arch.n_heads * subject.arch.d_head
-    slices = hf_slices(NeuronSet(subject.arch, {(0, "k"): [3], (0, "v"): [3]}), subject)
+    slices = hf_slices(NeuronSet(subject.arch, {(0, "k"): [3], (0, "v"): [3]}), subject=subject)
     cols = {(s.param, s.axis, int(s.index[0])) for s in slices}
     assert ("transformer.h.0.attn.c_attn.weight", 1, d + 3) in cols
     assert ("transformer.h.0.attn.c_attn.bias", 0, 2 * d + 3) in cols
@@ -78,7 +78,7 @@ def test_gpt2_slices_offset_k_and_v(make_subject):
 def test_hf_ablation_changes_only_owned_weights(make_subject):
     subject = make_subject("qwen2")
     neurons = sample_neurons(subject.arch, "v") | sample_neurons(subject.arch, "ffn")
-    masks = hf_masks(neurons, subject)
+    masks = hf_masks(subject, neurons)
     before = {n: p.detach().clone() for n, p in subject.hf.named_parameters()}
     with ablate_hf(subject, neurons):
         for name, param in subject.hf.named_parameters():
@@ -127,7 +127,7 @@ def test_wrong_model_for_neurons(make_subject):
     ):
         pass
     with pytest.raises(ArchitectureMismatchError):
-        hf_masks(neurons, other)
+        hf_masks(other, neurons)
 
 
 def test_gather_reads_each_neuron_at_its_hook(make_subject):

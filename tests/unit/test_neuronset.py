@@ -241,7 +241,7 @@ def test_counts(neurons):
 def test_fraction_of(neurons, kinds):
     arch = neurons.arch
     inside = sum(1 for _, kind, _ in neurons if kind in kinds)
-    assert neurons.fraction_of(kinds=kinds) == inside / total_neurons(arch, kinds)
+    assert neurons.fraction_of(kinds=kinds) == inside / total_neurons(arch, kinds=kinds)
     assert neurons.fraction_of(arch) == len(neurons) / len(every_neuron(arch))
     assert NeuronSet.full(arch).fraction_of() == 1.0
 

@@ -89,9 +89,9 @@ def test_identical_source_or_empty_set_reproduces_greedy(pairs, tokenizer, backe
         with PatchedDecoder(target, src, neurons) as decoder:
             assert torch.equal(decode(decoder, target, batch), plain)
     texts = generate(target, PROMPTS, max_new_tokens=STEPS, progress=False)
-    result = dynamic_patching(target, copy, everything, PROMPTS, max_new_tokens=STEPS, batch_size=2)
+    result = dynamic_patching(target, copy, PROMPTS, everything, max_new_tokens=STEPS, batch_size=2)
     assert result.frame["response"].tolist() == texts
-    assert result.config["mode"] == "source" and result.config["neurons"] == len(everything)
+    assert result.config["replace"] == "source" and result.config["neurons"] == len(everything)
 
 
 @pytest.mark.parametrize("patch_prompt", [True, False])
@@ -161,13 +161,13 @@ def test_patched_generation_equals_teacher_forced_run(pairs, family, backend, pa
 def test_baseline_modes(pairs):
     target, source = pairs()
     neurons = half_of_every_site(target.arch, seed=1)
-    zero = dynamic_patching(target, None, neurons, PROMPTS, max_new_tokens=5, mode="zero")
+    zero = dynamic_patching(target, None, PROMPTS, neurons, max_new_tokens=5, replace="zero")
     with ablate(target, neurons):
         assert zero.frame["response"].tolist() == generate(target, PROMPTS, max_new_tokens=5, progress=False)
-    mean = dynamic_patching(target, source, neurons, PROMPTS, max_new_tokens=5, mode="mean")
-    assert mean.config["mode"] == "mean" and len(mean.frame) == 3
+    mean = dynamic_patching(target, source, PROMPTS, neurons, max_new_tokens=5, replace="mean")
+    assert mean.config["replace"] == "mean" and len(mean.frame) == 3
     assert 0 <= mean.rate <= 1 and mean.metric == "asr"
-    over = dynamic_patching(target, source, neurons, PROMPTS, max_new_tokens=5, metric="over_refusal")
+    over = dynamic_patching(target, source, PROMPTS, neurons, max_new_tokens=5, rate="over_refusal")
     assert over.metric == "over_refusal"
 
 
@@ -175,15 +175,15 @@ def test_clear_errors(pairs, make_subject):
     target, source = pairs()
     neurons = NeuronSet(target.arch, {(0, "ffn"): [1]})
     with pytest.raises(ValueError, match="empty"):
-        dynamic_patching(target, source, neurons, [])
+        dynamic_patching(target, source, [], neurons)
     with pytest.raises(ArchitectureMismatchError, match="different architectures"):
-        dynamic_patching(target, make_subject("qwen2"), neurons, PROMPTS)
+        dynamic_patching(target, make_subject("qwen2"), PROMPTS, neurons)
     with pytest.raises(ArchitectureMismatchError):
-        dynamic_patching(make_subject("qwen2"), make_subject("qwen2"), neurons, PROMPTS)
-    with pytest.raises(ValueError, match="mode"):
-        dynamic_patching(target, source, neurons, PROMPTS, mode="swap")
+        dynamic_patching(make_subject("qwen2"), make_subject("qwen2"), PROMPTS, neurons)
+    with pytest.raises(ValueError, match="replace"):
+        dynamic_patching(target, source, PROMPTS, neurons, replace="swap")
     with pytest.raises(ValueError, match="needs a source"):
-        dynamic_patching(target, None, neurons, PROMPTS)
+        dynamic_patching(target, None, PROMPTS, neurons)
     decoder = PatchedDecoder(target, source, neurons)
     batch = next(batches(target, PROMPTS[:1]))
     with pytest.raises(RuntimeError, match="context manager"):
@@ -192,13 +192,13 @@ def test_clear_errors(pairs, make_subject):
 
 def test_patching_curve(pairs):
     target, source = pairs()
-    scores = contrast_activations(source, target, PROMPTS, positions="prompt", kinds=("ffn", "o"))
+    scores = contrast_activations(source, target, PROMPTS, tokens="prompt", kinds=("ffn", "o"))
 
     def judge(prompt, response):  # any safety score: here, shorter answers count as safer
         return 1.0 / (1 + len(response))
 
     curve = patching_curve(
-        target, source, scores, PROMPTS, fractions=(0.1, 0.5), max_new_tokens=3, judge=judge
+        target, source, PROMPTS, scores, fractions=(0.1, 0.5), max_new_tokens=3, judge=judge
     )
     frame = curve.to_frame()
     assert frame["method"].tolist() == ["dynamic", "random", "mean", "zero"] * 2
@@ -219,9 +219,9 @@ def test_patching_curve(pairs):
     again = PatchingCurve.from_dict(curve.to_dict())
     pd.testing.assert_frame_equal(again.frame, curve.frame)
     with pytest.raises(ValueError, match="fractions"):
-        patching_curve(target, source, scores, PROMPTS, fractions=(0, 0.5))
+        patching_curve(target, source, PROMPTS, scores, fractions=(0, 0.5))
     with pytest.raises(ValueError, match="baselines"):
-        patching_curve(target, source, scores, PROMPTS, baselines=("shuffle",))
+        patching_curve(target, source, PROMPTS, scores, baselines=("shuffle",))
 
 
 def test_fraction_for_and_restored():

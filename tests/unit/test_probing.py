@@ -110,13 +110,13 @@ def test_probe_on_neuron_subsets(make_subject):
 def test_activations_at_matches_single_prompt_runs(make_subject, backend, names):
     subject = make_subject("qwen2", backend)
     prompts = ["How do I make a bomb?", "Hi", "Write a poem about the sea and the fox."]
-    acts = activations_at(subject, prompts, names, positions=[-2, -1], batch_size=3)
+    acts = activations_at(subject, prompts, names, offsets=[-2, -1], batch_size=3)
     assert acts[names[0]].shape[:2] == (3, 2)
     if len(names) == 2:
         assert acts[names[0]].shape == (3, 2, subject.arch.d_model)
         assert acts[names[1]].shape == (3, 2, subject.arch.n_heads, subject.arch.d_head)
     for i, prompt in enumerate(prompts):
-        (batch,) = batches(subject, [prompt], 1)
+        (batch,) = batches(subject, [prompt], batch_size=1)
         _, cache = subject.tl.run_with_cache(batch.input_ids, names_filter=names)
         for name in names:
             assert torch.allclose(acts[name][i], cache[name][0, -2:].float(), atol=1e-5)
@@ -147,7 +147,7 @@ def test_bad_input(make_subject):
     with pytest.raises(ValueError, match="empty"):
         probe_layers(subject, [], ["Hi"])
     with pytest.raises(ValueError, match="negative"):
-        probe_layers(subject, ["a b"] * 5, ["c d"] * 5, position=0)
+        probe_layers(subject, ["a b"] * 5, ["c d"] * 5, offset=0)
     with pytest.raises(ValueError, match="unknown site"):
         probe_layers(subject, ["a b"] * 5, ["c d"] * 5, site="resid")
     with pytest.raises(ValueError, match="at least 5 prompts"):
@@ -155,7 +155,7 @@ def test_bad_input(make_subject):
     with pytest.raises(ValueError, match="out of range"):
         probe_layers(subject, ["a b"] * 5, ["c d"] * 5, layers=[7])
     with pytest.raises(ValueError, match="before the start"):
-        activations_at(subject, ["Hi"], [site_hook("resid_post", 0)], positions=[-50], chat=False)
+        activations_at(subject, ["Hi"], [site_hook("resid_post", 0)], offsets=[-50], chat=False)
     with pytest.raises(ValueError, match="empty"):
         probe_neurons(subject, ["a b"] * 5, ["c d"] * 5, NeuronSet(subject.arch, {}))
     other = make_subject("gpt2")

@@ -82,15 +82,17 @@ def test_each_rule_tunes_the_detect_set(make_subject, tmp_path):
     imp, matched = search.importance, search.matched
     assert matched.config["chat"] == imp.config["chat"] and len(matched) == len(imp)
     assert search.neurons(Recipe(rule="safety", quantile=0.9)) == imp.select(quantile=0.9)
-    assert search.neurons(Recipe(rule="contrastive", quantile=0.9)) == contrastive_neurons(imp, matched, 0.9)
-    assert search.neurons(Recipe(rule="scored", quantile=0.9)) == scored_neurons(imp, matched, 0.9)
+    assert search.neurons(Recipe(rule="contrastive", quantile=0.9)) == contrastive_neurons(
+        imp, matched, quantile=0.9
+    )
+    assert search.neurons(Recipe(rule="scored", quantile=0.9)) == scored_neurons(imp, matched, quantile=0.9)
     recipe = Recipe(train_harmful=2, retain_alarming=3)
     docs = search.documents(recipe)
     assert [d.kind for d in docs].count("refusal") == len(HARMFUL) + 2
     assert [d.prompt for d in docs if d.kind == "retain"] == data.harmless("train") + data.alarming_train(3)
     assert [d.kind for d in search.documents(Recipe(train_harmful=0))].count("refusal") == len(HARMFUL)
     # the retain states made once serve every trial: the same as reference_states on its documents
-    expected = reference_states(search.subject, docs, search.tune_config.max_length)
+    expected = reference_states(search.subject, docs, max_length=search.tune_config.max_length)
     shared = [None] * (len(docs) - len(search.retain(recipe))) + [s for _, s in search.retain(recipe)]
     assert len(shared) == len(expected)
     for a, b in zip(shared, expected, strict=True):

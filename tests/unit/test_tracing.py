@@ -63,8 +63,8 @@ def test_common_suffix_length():
     assert common_suffix_length([[1], [2]]) == 0
 
 
-@pytest.mark.parametrize("positions", ["all", "suffix"])
-def test_patching_a_run_with_itself_has_no_effect(subject, positions):
+@pytest.mark.parametrize("patch_at", ["all", "suffix"])
+def test_patching_a_run_with_itself_has_no_effect(subject, patch_at):
     result = trace_components(
         subject,
         HARMFUL,
@@ -72,7 +72,7 @@ def test_patching_a_run_with_itself_has_no_effect(subject, positions):
         components=("resid", "attn", "mlp"),
         heads=True,
         neurons=neurons_of(subject.arch),
-        positions=positions,
+        patch_at=patch_at,
         progress=False,
     )
     assert len(result.frame) == 2 * (3 + subject.arch.n_heads) + 3
@@ -87,8 +87,12 @@ def test_patching_everything_recovers_the_other_run(subject):
     writes = [PatchSite(-1, "embed", "hook_embed")]
     if arch.family == "gpt2":
         writes.append(PatchSite(-1, "embed", "hook_pos_embed"))
-    writes += component_sites(arch, ("attn", "mlp"))
-    groups = [[PatchSite(0, "resid", "blocks.0.hook_resid_pre")], writes, component_sites(arch, ("attn",))]
+    writes += component_sites(arch, components=("attn", "mlp"))
+    groups = [
+        [PatchSite(0, "resid", "blocks.0.hook_resid_pre")],
+        writes,
+        component_sites(arch, components=("attn",)),
+    ]
     for mode in ("noising", "denoising"):
         patched, clean, corrupted = patched_metrics(subject, CLEAN, CORRUPTED, groups, mode=mode, chat=False)
         source = corrupted if mode == "noising" else clean
@@ -104,7 +108,7 @@ def test_patching_everything_recovers_the_other_run(subject):
 )
 def test_prefix_cache_gives_the_same_patched_runs(make_subject, family, backend):
     subject = make_subject(family, backend)
-    kwargs = {"heads": True, "neurons": neurons_of(subject.arch), "positions": 3, "progress": False}
+    kwargs = {"heads": True, "neurons": neurons_of(subject.arch), "patch_at": 3, "progress": False}
     fast = trace_components(subject, HARMFUL, HARMLESS, reuse_prefix=True, **kwargs)
     slow = trace_components(subject, HARMFUL, HARMLESS, reuse_prefix=False, **kwargs)
     assert np.abs(fast.patched - slow.patched).max() < 1e-4
@@ -114,7 +118,7 @@ def test_prefix_cache_gives_the_same_patched_runs(make_subject, family, backend)
 
 def test_metric_matches_refusal_scores(make_subject):
     subject = make_subject("qwen2")
-    result = trace_components(subject, HARMFUL, HARMLESS, positions="suffix", progress=False)
+    result = trace_components(subject, HARMFUL, HARMLESS, patch_at="suffix", progress=False)
     assert np.allclose(result.clean, refusal_scores(subject, HARMFUL).numpy(), atol=1e-5)
     assert np.allclose(result.corrupted, refusal_scores(subject, HARMLESS).numpy(), atol=1e-5)
     gap = result.corrupted.mean() - result.clean.mean()
@@ -125,8 +129,8 @@ def test_metric_matches_refusal_scores(make_subject):
 @pytest.mark.parametrize("backend", ["hooked", "bridge"])
 def test_attribution_is_first_order_patching(make_subject, backend):
     subject = make_subject("llama", backend)
-    sites = component_sites(subject.arch, ("resid", "attn", "mlp"), heads=True)
-    same, clean, _ = attribution_metrics(subject, HARMFUL, HARMFUL, sites, positions="suffix")
+    sites = component_sites(subject.arch, components=("resid", "attn", "mlp"), heads=True)
+    same, clean, _ = attribution_metrics(subject, HARMFUL, HARMFUL, sites, patch_at="suffix")
     assert (same - clean).abs().max() < 1e-5
     # single heads and sub-layer outputs (not the whole residual stream: far from linear)
     exact = trace_components(subject, CLEAN, CORRUPTED, chat=False, progress=False)
@@ -140,14 +144,14 @@ def test_attribution_is_first_order_patching(make_subject, backend):
 def test_neuron_attribution_equals_one_site_per_neuron(make_subject, family):
     """All neurons at once equal attribution_metrics with one site per neuron (mean over pairs)."""
     subject = make_subject(family)
-    scores = neuron_attribution(subject, HARMFUL, HARMLESS, positions="suffix")
+    scores = neuron_attribution(subject, HARMFUL, HARMLESS, patch_at="suffix")
     picked = neurons_of(subject.arch)
     single = [
         site
         for layer, kind, i in picked
         for site in neuron_sites(NeuronSet(subject.arch, {(layer, kind): [i]}))
     ]
-    patched, clean, _ = attribution_metrics(subject, HARMFUL, HARMLESS, single, positions="suffix")
+    patched, clean, _ = attribution_metrics(subject, HARMFUL, HARMLESS, single, patch_at="suffix")
     expected = (patched - clean).mean(1)
     got = torch.stack([scores[kind][layer, i] for layer, kind, i in picked])
     assert torch.allclose(got, expected, atol=1e-5)
@@ -164,7 +168,7 @@ def test_result_views_round_trip_and_plots(make_subject):
         HARMLESS,
         heads=True,
         neurons=neurons_of(subject.arch),
-        positions="last",
+        patch_at="last",
         progress=False,
     )
     assert result.grid("components").shape == (2, subject.arch.n_layers)
@@ -182,22 +186,22 @@ def test_result_views_round_trip_and_plots(make_subject):
 def test_bad_input(make_subject):
     subject = make_subject("llama")
     with pytest.raises(ValueError, match="equal token length"):
-        trace_components(subject, HARMFUL, HARMLESS, positions="all", progress=False)
+        trace_components(subject, HARMFUL, HARMLESS, patch_at="all", progress=False)
     with pytest.raises(ValueError, match="paired"):
-        trace_components(subject, HARMFUL, HARMLESS[:2], positions="suffix")
+        trace_components(subject, HARMFUL, HARMLESS[:2], patch_at="suffix")
     with pytest.raises(ValueError, match="empty"):
         trace_components(subject, [], [])
     with pytest.raises(ValueError, match="shortest"):
-        trace_components(subject, HARMFUL, HARMLESS, positions=500)
+        trace_components(subject, HARMFUL, HARMLESS, patch_at=500)
     with pytest.raises(ValueError, match="no trailing"):
-        trace_components(subject, ["a b c"], ["d e f"], positions="suffix", chat=False)
+        trace_components(subject, ["a b c"], ["d e f"], patch_at="suffix", chat=False)
     with pytest.raises(ValueError, match="mode"):
-        trace_components(subject, HARMFUL, HARMLESS, positions="last", mode="both")
+        trace_components(subject, HARMFUL, HARMLESS, patch_at="last", mode="both")
     with pytest.raises(ValueError, match="unknown components"):
         trace_components(subject, HARMFUL, HARMLESS, components=("ffn",))
     with pytest.raises(ValueError, match="method"):
-        trace_components(subject, HARMFUL, HARMLESS, positions="last", method="gradient")
+        trace_components(subject, HARMFUL, HARMLESS, patch_at="last", method="gradient")
     with pytest.raises(ValueError, match="no hook points"):
-        patched_metrics(subject, HARMFUL, HARMLESS, [[PatchSite(0, "x", "blocks.0.nope")]], positions="last")
+        patched_metrics(subject, HARMFUL, HARMLESS, [[PatchSite(0, "x", "blocks.0.nope")]], patch_at="last")
     with pytest.raises(ArchitectureMismatchError):
         trace_components(subject, HARMFUL, HARMLESS, neurons=neurons_of(make_subject("gpt2").arch))

@@ -50,9 +50,9 @@ def test_only_the_owned_slices_change(make_subject, family, mechanism):
     neurons = some_neurons(subject)
     before = {n: p.detach().clone() for n, p in subject.hf.named_parameters()}
     result = sn_tune(
-        subject, neurons, DOCS, lr=1e-2, epochs=2, batch_size=2, mechanism=mechanism, progress=False
+        subject, DOCS, neurons, lr=1e-2, epochs=2, batch_size=2, mechanism=mechanism, progress=False
     )
-    masks = hf_masks(neurons, result.subject)
+    masks = hf_masks(result.subject, neurons)
     for name, p in result.subject.hf.named_parameters():
         owned = masks.get(name, torch.zeros_like(p, dtype=torch.bool))
         assert digest(p[~owned]) == digest(before[name][~owned]), name
@@ -70,15 +70,15 @@ def test_delta_and_mask_mechanisms_agree(make_subject):
     subject = make_subject("llama")
     neurons = some_neurons(subject, seed=1)
     kw = dict(lr=1e-3, epochs=1, batch_size=2, progress=False)
-    delta = sn_tune(subject, neurons, DOCS, mechanism="delta", **kw).subject.hf
-    mask = sn_tune(subject, neurons, DOCS, mechanism="mask", **kw).subject.hf
+    delta = sn_tune(subject, DOCS, neurons, mechanism="delta", **kw).subject.hf
+    mask = sn_tune(subject, DOCS, neurons, mechanism="mask", **kw).subject.hf
     for (name, a), (_, b) in zip(delta.named_parameters(), mask.named_parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
 def test_saved_folder_reloads_with_plain_transformers(make_subject, tmp_path):
     subject = make_subject("qwen2")
-    result = sn_tune(subject, some_neurons(subject), DOCS, lr=1e-2, batch_size=4, progress=False)
+    result = sn_tune(subject, DOCS, some_neurons(subject), lr=1e-2, batch_size=4, progress=False)
     folder = result.save(tmp_path / "tuned")
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     ids = torch.tensor([[3, 14, 15, 92, 65]])
@@ -91,7 +91,7 @@ def test_saved_folder_reloads_with_plain_transformers(make_subject, tmp_path):
 
 def test_interrupted_save_leaves_no_folder(make_subject, tmp_path, monkeypatch):
     subject = make_subject("llama")
-    result = sn_tune(subject, some_neurons(subject), DOCS[:2], lr=1e-3, progress=False)
+    result = sn_tune(subject, DOCS[:2], some_neurons(subject), lr=1e-3, progress=False)
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
@@ -119,7 +119,7 @@ def test_full_finetune_changes_everything_and_is_deterministic(make_subject):
 def test_rsn_tune_tunes_safety_minus_foundation(make_subject):
     subject = make_subject("llama")
     safety, foundation = some_neurons(subject, 0), some_neurons(subject, 1)
-    result = rsn_tune(subject, safety, foundation, DOCS, lr=1e-3, progress=False)
+    result = rsn_tune(subject, DOCS, safety, foundation, lr=1e-3, progress=False)
     assert result.neurons == safety - foundation
 
 
@@ -144,13 +144,13 @@ def test_bad_input(make_subject):
     subject = make_subject("llama")
     neurons = some_neurons(subject)
     with pytest.raises(ValueError, match="documents is empty"):
-        sn_tune(subject, neurons, [], progress=False)
+        sn_tune(subject, [], neurons, progress=False)
     with pytest.raises(ValueError, match="harmful_prompts is empty"):
         refusal_documents([])
     with pytest.raises(ValueError, match="made for another model"):
-        sn_tune(subject, some_neurons(make_subject("gpt2")), DOCS, progress=False)
+        sn_tune(subject, DOCS, some_neurons(make_subject("gpt2")), progress=False)
     with pytest.raises(ValueError, match="empty"):
-        sn_tune(subject, NeuronSet(subject.arch, {}), DOCS, progress=False)
+        sn_tune(subject, DOCS, NeuronSet(subject.arch, {}), progress=False)
     with pytest.raises(ValueError, match="mechanism"):
         TuneConfig(mechanism="lora")
     assert TuneConfig.from_dict(TuneConfig(lr=1e-3).to_dict()) == TuneConfig(lr=1e-3)
@@ -158,7 +158,7 @@ def test_bad_input(make_subject):
 
 
 def test_benign_task_documents_are_correct():
-    docs = tuning_module.benign_task_documents(40, seed=1)
+    docs = tuning_module.benign_task_documents(n=40, seed=1)
     assert len(docs) == 40 and len({d.prompt for d in docs}) >= 35
     for d in docs:
         if d.prompt.startswith("What is"):
@@ -177,13 +177,13 @@ def test_retain_kl_keeps_the_model_closer_on_retain_documents(make_subject):
     reference = subject.hf(ids).logits.log_softmax(-1)
 
     def kl_after(weight):
-        tuned = sn_tune(subject, neurons, docs, lr=3e-2, epochs=3, retain_kl=weight, progress=False).subject
+        tuned = sn_tune(subject, docs, neurons, lr=3e-2, epochs=3, retain_kl=weight, progress=False).subject
         logp = tuned.hf(ids).logits.log_softmax(-1)
         return float((reference.exp() * (reference - logp)).sum(-1).mean().detach())
 
     assert kl_after(10.0) < kl_after(0.0)
     with pytest.raises(ValueError, match="inplace"):
-        sn_tune(subject, neurons, docs, retain_kl=1.0, inplace=True, progress=False)
+        sn_tune(subject, docs, neurons, retain_kl=1.0, inplace=True, progress=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gpt2"])
@@ -227,7 +227,9 @@ def test_tuning_loss_and_its_gradient_equal_those_on_full_logits(make_subject, f
     kl = kl_divergence(ref[keep], logits[keep])
     assert kl > 1e-4
     expected = ce + 2.0 * kl
-    got = tuning_module.tuning_loss(other_hf, input_ids, mask, labels, retain, 2.0, ref[keep])
+    got = tuning_module.tuning_loss(
+        other_hf, input_ids, mask, labels, retain, retain_kl=2.0, reference=ref[keep]
+    )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     want, have = grads(expected), grads(got)
     assert want.keys() == have.keys()
@@ -236,7 +238,7 @@ def test_tuning_loss_and_its_gradient_equal_those_on_full_logits(make_subject, f
     with torch.no_grad():
         no_kl = tuning_module.tuning_loss(other_hf, input_ids, mask, labels, retain)
         with pytest.raises(ValueError, match="reference logits"):
-            tuning_module.tuning_loss(other_hf, input_ids, mask, labels, retain, 2.0)
+            tuning_module.tuning_loss(other_hf, input_ids, mask, labels, retain, retain_kl=2.0)
     torch.testing.assert_close(no_kl, ce, atol=1e-5, rtol=1e-5)
 
 
@@ -256,12 +258,12 @@ def test_reference_states_are_the_original_hidden_states_and_can_be_shared(make_
             alone = subject.hf.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0]
         torch.testing.assert_close(state, alone, atol=1e-5, rtol=1e-5)
     kwargs = dict(lr=1e-2, retain_kl=2.0, progress=False)
-    own = sn_tune(subject, neurons, docs, **kwargs).subject.hf.state_dict()
-    shared = sn_tune(subject, neurons, docs, reference=states, **kwargs).subject.hf.state_dict()
+    own = sn_tune(subject, docs, neurons, **kwargs).subject.hf.state_dict()
+    shared = sn_tune(subject, docs, neurons, reference=states, **kwargs).subject.hf.state_dict()
     for name in own:
         torch.testing.assert_close(shared[name], own[name], atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="reference does not match"):
-        sn_tune(subject, neurons, docs[1:], reference=states, **kwargs)
+        sn_tune(subject, docs[1:], neurons, reference=states, **kwargs)
 
 
 def test_tune_keeps_the_dtype_and_inplace_keeps_tl_in_step(tokenizer):
@@ -272,7 +274,7 @@ def test_tune_keeps_the_dtype_and_inplace_keeps_tl_in_step(tokenizer):
 
     subject = load_model(tiny_hf("llama", len(tokenizer)), dtype=torch.bfloat16, tokenizer=tokenizer)
     neurons = some_neurons(subject)
-    result = sn_tune(subject, neurons, DOCS, lr=1e-2, epochs=1, batch_size=2, progress=False)
+    result = sn_tune(subject, DOCS, neurons, lr=1e-2, epochs=1, batch_size=2, progress=False)
     assert result.subject is not subject
     assert {p.dtype for p in result.subject.hf.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in subject.hf.parameters()} == {torch.bfloat16}
@@ -280,7 +282,7 @@ def test_tune_keeps_the_dtype_and_inplace_keeps_tl_in_step(tokenizer):
 
     ids = torch.tensor([[5, 6, 7, 8]])
     stale = subject.tl(ids)  # built before tuning
-    again = sn_tune(subject, neurons, DOCS, lr=1e-2, epochs=1, batch_size=2, inplace=True, progress=False)
+    again = sn_tune(subject, DOCS, neurons, lr=1e-2, epochs=1, batch_size=2, inplace=True, progress=False)
     assert again.subject is subject
     fresh = subject.tl(ids)
     assert not torch.equal(fresh, stale)
