@@ -249,7 +249,7 @@ def mean_activations(
 ) -> dict[str, Float[Tensor, "..."]]:
     """Mean activation per hook site over every real (non-pad) token of ``prompts``.
 
-    The result feeds ``ablate(..., mode="mean", means=...)``. Sums are streamed batch by batch.
+    The result feeds ``ablate(..., replace="mean", means=...)``. Sums are streamed batch by batch.
     """
     names = list(hook_names)
     sums: dict[str, Tensor] = {}

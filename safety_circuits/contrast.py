@@ -54,10 +54,10 @@ from safety_circuits.neurons import (
     NeuronSet,
     check_arch,
     check_expected,
-    hook_name,
     kind_size,
     total_neurons,
 )
+from safety_circuits.sites import neuron_sites
 from safety_circuits.vocabulary import CONTRAST_TOKENS, ContrastTokens
 
 if TYPE_CHECKING:
@@ -90,11 +90,6 @@ def check_pair(first: Subject, second: Subject, *, what: str = "models") -> None
             f"the {what} {first.name!r} and {second.name!r} have different tokenizers: they must read the "
             "same tokens"
         )
-
-
-def flat_neurons(act: Float[Tensor, "... site"], kind: Kind) -> Float[Tensor, "... neuron"]:
-    """A hook activation with its neuron axes flattened (``[..., h, d] -> [..., h*d_head + d]``)."""
-    return act if kind == "ffn" else act.flatten(-2)
 
 
 # -- the token batches both models read ------------------------------------------------------
@@ -349,7 +344,7 @@ def contrast_activations(
     if generator not in ("aligned", "unaligned"):
         raise ValueError(f"generator must be 'aligned' or 'unaligned', got {generator!r}")
     arch = aligned.arch
-    sites = {hook_name(layer, kind): (layer, kind) for layer in range(arch.n_layers) for kind in kinds}
+    sites = {site.hook: site for site in neuron_sites(NeuronSet.full(arch, kinds))}  # every neuron
 
     def zeros() -> dict[Kind, Tensor]:
         return {k: torch.zeros(arch.n_layers, kind_size(arch, k), dtype=torch.float64) for k in kinds}
@@ -360,17 +355,17 @@ def contrast_activations(
     selected = torch.empty(0, dtype=torch.bool)
 
     def capture(act: Tensor, *, hook: Any) -> None:
-        layer, kind = sites[hook.name]
-        values = flat_neurons(act[selected], kind).float()
+        site = sites[hook.name]
+        values = site.read(act[selected]).float()
         stored[hook.name] = values
-        sum_a[kind][layer] += values.sum(0, dtype=torch.float64).cpu()
+        sum_a[site.component][site.layer] += values.sum(0, dtype=torch.float64).cpu()
 
     def compare(act: Tensor, *, hook: Any) -> None:
-        layer, kind = sites[hook.name]
-        values = flat_neurons(act[selected], kind).float()
+        site = sites[hook.name]
+        values = site.read(act[selected]).float()
         diff = values - stored.pop(hook.name).to(values.device)
-        sum_sq[kind][layer] += diff.double().square().sum(0).cpu()
-        sum_b[kind][layer] += values.sum(0, dtype=torch.float64).cpu()
+        sum_sq[site.component][site.layer] += diff.double().square().sum(0).cpu()
+        sum_b[site.component][site.layer] += values.sum(0, dtype=torch.float64).cpu()
 
     gen = aligned if generator == "aligned" else unaligned
     responses = [""] * len(prompts)

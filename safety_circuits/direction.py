@@ -45,6 +45,7 @@ from safety_circuits.architecture import Architecture
 from safety_circuits.evaluate import attack_success_rate, over_refusal_rate
 from safety_circuits.families import adapter
 from safety_circuits.neurons import HookFn, NeuronSet, ablate, check_neurons
+from safety_circuits.sites import act_name
 from safety_circuits.stats import kl_divergence
 from safety_circuits.tracing import Metric, common_suffix_length, default_metric, last_token_logits
 from safety_circuits.vocabulary import check_offsets
@@ -53,10 +54,6 @@ if TYPE_CHECKING:
     from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
-
-
-def _resid_pre(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_pre"
 
 
 def suffix_offsets(subject: Subject, prompts: Sequence[str], *, chat: bool = True) -> list[int]:
@@ -85,7 +82,7 @@ def diff_in_means(
     harmful, harmless = check_prompts(harmful, what="harmful"), check_prompts(harmless, what="harmless")
     offsets = check_offsets(offsets or suffix_offsets(subject, harmful + harmless, chat=chat))
     layers = subject.arch.check_layers(layers)
-    names = [_resid_pre(layer) for layer in layers]
+    names = [act_name("resid_pre", layer) for layer in layers]
     kwargs = {"offsets": offsets, "batch_size": batch_size, "chat": chat}
     a = activations_at(subject, harmful, names, desc="directions (harmful)" if progress else None, **kwargs)
     b = activations_at(subject, harmless, names, desc="directions (harmless)" if progress else None, **kwargs)
@@ -112,12 +109,8 @@ def directional_ablation_hooks(
         u = unit.to(act.device, act.dtype)
         return act - (act @ u)[..., None] * u
 
-    names = [
-        f"blocks.{l}.{h}"
-        for l in range(n_layers)
-        for h in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
-    ]
-    return [(name, project) for name in [*names, f"blocks.{n_layers - 1}.hook_resid_post"]]
+    names = [act_name(a, l) for l in range(n_layers) for a in ("resid_pre", "attn_out", "mlp_out")]
+    return [(name, project) for name in [*names, act_name("resid_post", n_layers - 1)]]
 
 
 def activation_addition_hooks(
@@ -129,7 +122,7 @@ def activation_addition_hooks(
     def add(act: Tensor, *, hook) -> Tensor:
         return act + coeff * vector.to(act.device, act.dtype)
 
-    return [(_resid_pre(layer), add)]
+    return [(act_name("resid_pre", layer), add)]
 
 
 # -- weight orthogonalization ---------------------------------------------------------------

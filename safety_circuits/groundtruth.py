@@ -60,17 +60,9 @@ from safety_circuits.evaluate import attack_success_rate
 from safety_circuits.families import adapter
 from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.loading import load_model
-from safety_circuits.neurons import (
-    KINDS,
-    Kind,
-    NeuronSet,
-    _owned,
-    check_arch,
-    check_neurons,
-    hook_name,
-    kind_size,
-)
+from safety_circuits.neurons import KINDS, Kind, NeuronSet, _owned, check_arch, check_neurons, kind_size
 from safety_circuits.patching import dynamic_patching, restored
+from safety_circuits.sites import act_name, hook_name
 from safety_circuits.stats import auroc_interval, wilson_interval
 from safety_circuits.tracing import first_token_ids, neuron_attribution
 from safety_circuits.tuning import (
@@ -273,7 +265,7 @@ def plant_direction(
     if direction is None:
         direction = torch.randn(arch.d_model, generator=torch.Generator().manual_seed(seed))
     r = direction.float() / direction.float().norm()
-    post, after = hook_name(layer, "ffn"), f"blocks.{layer + 1}.hook_resid_pre"
+    post, after = hook_name(layer, "ffn"), act_name("resid_pre", layer + 1)
     diffs = _diff_last(subject, harmful, harmless, [post, after])
     u = diffs[post]
     u_norm = float(u.norm())

@@ -44,9 +44,9 @@ from safety_circuits.neurons import (
     NeuronSet,
     ablation_hooks,
     check_expected,
-    hook_name,
     kind_size,
 )
+from safety_circuits.sites import act_name, hook_name
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
@@ -507,10 +507,7 @@ def ablation_importance(
         raise ValueError(f"measure must be 'output' or 'pattern', got {measure!r}")
     (batch,) = batches(subject, [prompt], batch_size=1, chat=chat, scope=scope)
     keep = batch.measured[0].bool()
-    if measure == "pattern":
-        site = f"blocks.{layer}.attn.hook_pattern"
-    else:
-        site = f"blocks.{layer}.hook_mlp_out" if kind == "ffn" else f"blocks.{layer}.hook_attn_out"
+    site = act_name("pattern" if measure == "pattern" else "mlp_out" if kind == "ffn" else "attn_out", layer)
     seen: dict[str, Tensor] = {}
 
     def record(act: Tensor, *, hook) -> None:

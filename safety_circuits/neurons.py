@@ -10,7 +10,8 @@ A neuron of kind
 - ``ffn``: one MLP neuron ``mlp.hook_post[n]`` (up/gate row ``n`` and down column ``n``),
 
 is addressed by ``(layer, kind, index)`` with ``index`` flat over ``(head, d_head)`` for
-attention kinds. :class:`NeuronSet` is an immutable set of such neurons for one architecture.
+attention kinds. :class:`NeuronSet` is an immutable set of such neurons for one architecture;
+:mod:`safety_circuits.sites` names their hooks and reads and writes them in an activation.
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.architecture import KINDS, Architecture, Kind, ParamSlice
 from safety_circuits.families import adapter
+from safety_circuits.sites import Site, hook_name, neuron_sites
+from safety_circuits.vocabulary import Ablation
 
 if TYPE_CHECKING:
     from transformer_lens.hook_points import HookPoint
@@ -39,15 +42,6 @@ if TYPE_CHECKING:
     from safety_circuits.loading import Subject
 
 ATTN_KINDS: tuple[Kind, ...] = ("q", "k", "v", "o")
-
-#: TransformerLens hook (relative to ``blocks.{layer}``) whose last axis/axes index each kind.
-SITES: dict[Kind, str] = {
-    "q": "attn.hook_q",
-    "k": "attn.hook_k",
-    "v": "attn.hook_v",
-    "o": "attn.hook_z",
-    "ffn": "mlp.hook_post",
-}
 
 
 @runtime_checkable
@@ -59,11 +53,6 @@ class HookFn(Protocol):
 
 class ArchitectureMismatchError(ValueError):
     """A NeuronSet (or mask file) was made for a model with other shapes or family."""
-
-
-def hook_name(layer: int, kind: Kind) -> str:
-    """Full TL hook name of a neuron kind at a layer, e.g. ``blocks.3.mlp.hook_post``."""
-    return f"blocks.{layer}.{SITES[kind]}"
 
 
 def kind_size(arch: Architecture, kind: Kind) -> int:
@@ -277,14 +266,11 @@ class NeuronSet:
 
     def gather(self, acts: Mapping[str, Float[Tensor, "... site"]]) -> Float[Tensor, "... neuron"]:
         """The set's activations in its order, from ``acts`` (hook name -> activation there, with
-        any leading dimensions): one column per neuron, as :func:`gather_neurons` per site."""
+        any leading dimensions): one column per neuron, as :meth:`Site.read <safety_circuits.sites.Site.read>`
+        per site."""
         if not len(self):
             raise ValueError("the NeuronSet is empty: there are no activations to gather")
-        columns = []
-        for (layer, kind), idx in self.indices.items():
-            act = acts[hook_name(layer, kind)]
-            columns.append(gather_neurons(act, kind, torch.tensor(idx, device=act.device)))
-        return torch.cat(columns, dim=-1)
+        return torch.cat([site.read(acts[site.hook]) for site in neuron_sites(self)], dim=-1)
 
     def counts(self) -> pd.DataFrame:
         """Neurons per layer (rows) and kind (columns)."""
@@ -423,65 +409,32 @@ def hf_masks(subject: Subject, neurons: NeuronSet) -> dict[str, Bool[Tensor, "..
 
 
 # -- ablation -------------------------------------------------------------------------------
-def gather_neurons(
-    act: Float[Tensor, "... site"], kind: Kind, index: Int[Tensor, " n"]
-) -> Float[Tensor, "... n"]:
-    """The activations of neurons ``index`` (flat over head x d_head for attention kinds), copied."""
-    if kind == "ffn":
-        return act[..., index]
-    d_head = act.shape[-1]
-    return act[..., index // d_head, index % d_head]
-
-
-def scatter_neurons(
-    act: Float[Tensor, "... site"],
-    kind: Kind,
-    index: Int[Tensor, " n"],
-    values: Float[Tensor, "... n"] | float,
-) -> Float[Tensor, "... site"]:
-    """Write ``values`` (one number, or one per neuron of ``index`` and position) into ``act`` in place."""
-    if isinstance(values, Tensor):
-        values = values.to(act.dtype)
-    if kind == "ffn":
-        act[..., index] = values
-    else:
-        d_head = act.shape[-1]
-        act[..., index // d_head, index % d_head] = values
-    return act
-
-
 def ablation_hooks(
     neurons: NeuronSet,
     *,
-    mode: Literal["zero", "mean"] = "zero",
+    replace: Ablation = "zero",
     means: Mapping[str, Float[Tensor, "..."]] | None = None,
 ) -> list[tuple[str, HookFn]]:
-    """TL forward hooks that set ``neurons`` to zero or to their mean activation.
+    """TL forward hooks that set ``neurons`` to zero or to their mean activation (``replace``).
 
     ``means`` maps hook names to the mean activation at that site (shape of one position,
     e.g. ``[d_mlp]`` or ``[n_heads, d_head]``), as returned by
     :func:`safety_circuits.activations.mean_activations`.
     """
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
-    if mode == "mean" and means is None:
-        raise ValueError("mode='mean' needs the mean activations (means=...)")
+    if replace not in ("zero", "mean"):
+        raise ValueError(f"replace must be 'zero' or 'mean', got {replace!r}")
+    if replace == "mean" and means is None:
+        raise ValueError("replace='mean' needs the mean activations (means=...)")
     hooks: list[tuple[str, HookFn]] = []
-    for (layer, kind), idx in neurons.indices.items():
-        name = hook_name(layer, kind)
-        if mode == "mean" and name not in means:  # type: ignore[operator]
-            raise KeyError(f"means has no entry for {name}")
-        value: Tensor | float = 0.0 if mode == "zero" else means[name]  # type: ignore[index]
-        index = torch.tensor(idx)
+    for site in neuron_sites(neurons):
+        if replace == "mean" and site.hook not in means:  # type: ignore[operator]
+            raise KeyError(f"means has no entry for {site.hook}")
+        value: Tensor | float = 0.0 if replace == "zero" else means[site.hook]  # type: ignore[index]
 
-        def hook(
-            act: Tensor, *, hook: HookPoint, kind: Kind = kind, index: Tensor = index, value=value
-        ) -> Tensor:
-            index = index.to(act.device)
-            new = value if isinstance(value, float) else gather_neurons(value.to(act.device), kind, index)
-            return scatter_neurons(act, kind, index, new)
+        def hook(act: Tensor, *, hook: HookPoint, site: Site = site, value: Tensor | float = value) -> Tensor:
+            return site.write(act, value if isinstance(value, float) else site.read(value.to(act.device)))
 
-        hooks.append((name, hook))
+        hooks.append((site.hook, hook))
     return hooks
 
 
@@ -490,7 +443,7 @@ def ablate(
     subject: Subject,
     neurons: NeuronSet,
     *,
-    mode: Literal["zero", "mean"] = "zero",
+    replace: Ablation = "zero",
     means: Mapping[str, Tensor] | None = None,
 ) -> Iterator[Subject]:
     """Deactivate ``neurons`` in ``subject.tl`` (TL hooks) inside the ``with`` block.
@@ -506,7 +459,7 @@ def ablate(
     True
     """
     check_neurons(neurons, subject)
-    with subject.tl.hooks(fwd_hooks=ablation_hooks(neurons, mode=mode, means=means)):
+    with subject.tl.hooks(fwd_hooks=ablation_hooks(neurons, replace=replace, means=means)):
         yield subject
 
 

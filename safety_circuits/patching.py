@@ -53,16 +53,8 @@ from safety_circuits.evaluate import (
     response_text,
     stop_ids,
 )
-from safety_circuits.neurons import (
-    Kind,
-    NeuronSet,
-    ablate,
-    check_arch,
-    check_neurons,
-    gather_neurons,
-    hook_name,
-    scatter_neurons,
-)
+from safety_circuits.neurons import NeuronSet, ablate, check_arch, check_neurons
+from safety_circuits.sites import Site, hook_name, neuron_sites
 from safety_circuits.vocabulary import REPLACE, Rate, Replace
 
 if TYPE_CHECKING:
@@ -72,21 +64,6 @@ logger = logging.getLogger(__name__)
 
 #: Chen et al.: patching about 5% of the neurons restores about 90% of safety.
 PAPER_REFERENCE = {"fraction": 0.05, "restored": 0.9}
-
-
-# -- reading and writing chosen neurons of a hook activation -------------------------------------
-@dataclass(frozen=True)
-class _Site:
-    name: str
-    kind: Kind
-    index: Tensor
-
-
-def _sites(neurons: NeuronSet, device: torch.device | str = "cpu") -> list[_Site]:
-    return [
-        _Site(hook_name(layer, kind), kind, torch.tensor(idx, device=device))
-        for (layer, kind), idx in neurons.indices.items()
-    ]
 
 
 class _ActivationDecoder(HookedDecoder):
@@ -133,7 +110,7 @@ class PatchedDecoder(Decoder):
         check_neurons(neurons, target)
         self.target, self.source, self.neurons = target, source, neurons
         self.patch_prompt, self.record = patch_prompt, record
-        self.sites = _sites(neurons, target.device)
+        self.sites = neuron_sites(neurons)
         self.target_decoder = decoder_for(target)
         self.source_decoder: Decoder | None = None
         if self.sites:
@@ -148,42 +125,42 @@ class PatchedDecoder(Decoder):
         self._stack: ExitStack | None = None
 
     # hooks ---------------------------------------------------------------------------------------
-    def _positions(self, act: Tensor) -> Tensor:
-        return act[:, -1:] if self._last_only else act
+    def _positions(self) -> slice | None:
+        """The positions patched in this call: the last one, or all of them."""
+        return slice(-1, None) if self._last_only else None
 
-    def _capture_hook(self, site: _Site) -> Callable[..., None]:
+    def _capture_hook(self, site: Site) -> Callable[..., None]:
         def capture(act: Tensor, *, hook: Any) -> None:
             if self._phase == "source":
-                self._values[site.name] = gather_neurons(self._positions(act), site.kind, site.index)
+                self._values[site.hook] = site.read(act, self._positions())
 
         return capture
 
-    def _patch_hook(self, site: _Site) -> Callable[..., Tensor | None]:
+    def _patch_hook(self, site: Site) -> Callable[..., Tensor | None]:
         def patch(act: Tensor, *, hook: Any) -> Tensor | None:
             if self._phase != "target":
                 return None
-            values = self._values.pop(site.name, None)
+            values = self._values.pop(site.hook, None)
             if values is None:
-                raise RuntimeError(f"no source activation captured at {site.name}")
-            scatter_neurons(self._positions(act), site.kind, site.index, values)
-            return act
+                raise RuntimeError(f"no source activation captured at {site.hook}")
+            return site.write(act, values, self._positions())
 
         return patch
 
-    def _record_hook(self, site: _Site) -> Callable[..., None]:
+    def _record_hook(self, site: Site) -> Callable[..., None]:
         def record(act: Tensor, *, hook: Any) -> None:
             if self._phase == "target":
-                self.trace[-1][site.name] = gather_neurons(self._positions(act), site.kind, site.index)
+                self.trace[-1][site.hook] = site.read(act, self._positions())
 
         return record
 
     def __enter__(self) -> PatchedDecoder:
         self._stack = ExitStack()
         if self.sites:
-            capture = [(s.name, self._capture_hook(s)) for s in self.sites]
-            patch = [(s.name, self._patch_hook(s)) for s in self.sites]
+            capture = [(s.hook, self._capture_hook(s)) for s in self.sites]
+            patch = [(s.hook, self._patch_hook(s)) for s in self.sites]
             if self.record:
-                patch += [(s.name, self._record_hook(s)) for s in self.sites]
+                patch += [(s.hook, self._record_hook(s)) for s in self.sites]
             self._stack.enter_context(self.source.tl.hooks(fwd_hooks=capture))
             self._stack.enter_context(self.target.tl.hooks(fwd_hooks=patch))
         return self

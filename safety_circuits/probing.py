@@ -29,23 +29,17 @@ from torch import Tensor
 
 from safety_circuits._io import TableResult
 from safety_circuits.activations import activations_at, check_prompts
-from safety_circuits.neurons import NeuronSet, check_neurons, hook_name
+from safety_circuits.neurons import NeuronSet, check_neurons
+from safety_circuits.sites import act_name, neuron_sites
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
 
-#: Short site names -> TL hook name templates (``{layer}`` is filled in).
-SITES: dict[str, str] = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "mlp_post": "blocks.{layer}.mlp.hook_post",
-    "z": "blocks.{layer}.attn.hook_z",
-}
+#: Activation names :func:`probe_layers` reads: one vector per position (see
+#: :func:`~safety_circuits.sites.act_name`).
+SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post", "z")
 
 
 def site_hook(site: str, layer: int) -> str:
@@ -56,7 +50,7 @@ def site_hook(site: str, layer: int) -> str:
     """
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; sites are {sorted(SITES)}")
-    return SITES[site].format(layer=layer)
+    return act_name(site, layer)
 
 
 # -- the probe ------------------------------------------------------------------------------
@@ -264,13 +258,10 @@ def probe_neurons(
     check_neurons(neurons, subject)
     if not len(neurons):
         raise ValueError("the NeuronSet is empty: nothing to probe")
-    names = [hook_name(layer, kind) for layer, kind in neurons.indices]
-    acts = _both(subject, harmful, harmless, names, offset, batch_size, chat, progress)
+    acts = _both(subject, harmful, harmless, neurons.hooks(), offset, batch_size, chat, progress)
     per_layer: dict[int, list[np.ndarray]] = {}
-    for (layer, kind), idx in neurons.indices.items():
-        per_layer.setdefault(layer, []).append(
-            acts[hook_name(layer, kind)].flatten(1)[:, idx.tolist()].numpy()
-        )
+    for site in neuron_sites(neurons):
+        per_layer.setdefault(site.layer, []).append(site.read(acts[site.hook]).numpy())
     y = _labels(harmful, harmless)
     label = neurons.name or "neurons"
     rows = []

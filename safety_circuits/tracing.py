@@ -49,13 +49,13 @@ from tqdm.auto import tqdm
 from safety_circuits._io import Record, TableResult
 from safety_circuits._kv_cache import cache_kwargs, new_cache, new_hooked_cache
 from safety_circuits.activations import Batch, batches, check_prompts, left_pad, render, tokenize
-from safety_circuits.neurons import KINDS, HookFn, Kind, NeuronSet, check_neurons, hook_name
+from safety_circuits.neurons import KINDS, HookFn, Kind, NeuronSet, check_neurons
+from safety_circuits.sites import Site, component_sites, hook_name, neuron_sites
 from safety_circuits.vocabulary import PatchAt, TraceMode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from safety_circuits.architecture import Architecture
     from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
@@ -75,14 +75,6 @@ DEFAULT_REFUSAL_STARTS: tuple[str, ...] = (
 )
 #: Openings of an answer.
 DEFAULT_COMPLIANCE_STARTS: tuple[str, ...] = ("Sure", "Here", "Certainly", "To", "1", "The")
-
-#: Component -> TL hook template (``{layer}`` filled in); ``"head"`` patches one head of ``hook_z``.
-COMPONENT_HOOKS: dict[str, str] = {
-    "resid": "blocks.{layer}.hook_resid_pre",
-    "attn": "blocks.{layer}.hook_attn_out",
-    "mlp": "blocks.{layer}.hook_mlp_out",
-    "head": "blocks.{layer}.attn.hook_z",
-}
 
 
 # -- the refusal score -----------------------------------------------------------------------
@@ -186,81 +178,24 @@ def refusal_scores(
 
 
 # -- what to patch ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PatchSite:
-    """One patchable unit: a whole component output, one head of ``hook_z``, or a group of neurons
-    (``index`` flat over ``head x d_head`` for attention kinds, as in :class:`NeuronSet`)."""
-
-    layer: int
-    component: str
-    hook: str
-    head: int | None = None
-    index: tuple[int, ...] | None = None
-
-    @property
-    def label(self) -> str:
-        if self.head is not None:
-            return f"L{self.layer}H{self.head}"
-        if self.index is not None:
-            return f"L{self.layer} {self.component} x{len(self.index)}"
-        return f"L{self.layer} {self.component}"
+def _last(k: int | None) -> slice | None:
+    """The positions patched: the last ``k`` (``None``: every position)."""
+    return None if k is None else slice(-k, None)
 
 
-def component_sites(
-    arch: Architecture,
-    *,
-    components: Sequence[str] = ("attn", "mlp"),
-    heads: bool = False,
-    layers: Sequence[int] | None = None,
-) -> list[PatchSite]:
-    """Sites for ``components`` (``"resid"``, ``"attn"``, ``"mlp"``) and, with ``heads``, every head."""
-    unknown = set(components) - {"resid", "attn", "mlp"}
-    if unknown:
-        raise ValueError(f"unknown components {sorted(unknown)}; use 'resid', 'attn', 'mlp' (and heads=True)")
-    sites = []
-    for layer in arch.check_layers(layers):
-        sites += [PatchSite(layer, c, COMPONENT_HOOKS[c].format(layer=layer)) for c in components]
-        if heads:
-            hook = COMPONENT_HOOKS["head"].format(layer=layer)
-            sites += [PatchSite(layer, "head", hook, head=h) for h in range(arch.n_heads)]
-    return sites
-
-
-def neuron_sites(neurons: NeuronSet) -> list[PatchSite]:
-    """One site per ``(layer, kind)`` group of ``neurons`` (component = the kind)."""
-    return [
-        PatchSite(layer, kind, hook_name(layer, kind), index=tuple(int(i) for i in idx))
-        for (layer, kind), idx in neurons.indices.items()
-    ]
-
-
-def _selection(act: Tensor, site: PatchSite, k: int | None) -> tuple[Any, ...]:
-    """Index of ``site``'s entries in an activation ``[batch, pos, ...]`` (last ``k`` positions)."""
-    pos = slice(None) if k is None else slice(-k, None)
-    if site.head is not None:
-        return (slice(None), pos, site.head)
-    if site.index is None:
-        return (slice(None), pos)
-    idx = torch.tensor(site.index, device=act.device)
-    if act.ndim == 3:  # ffn: [batch, pos, d_mlp]
-        return (slice(None), pos, idx)
-    d_head = act.shape[-1]
-    return (slice(None), pos, idx // d_head, idx % d_head)
-
-
-def _patch_hooks(group: Sequence[PatchSite], source: dict[str, Tensor], k: int | None) -> list:
+def _patch_hooks(group: Sequence[Site], source: dict[str, Tensor], k: int | None) -> list:
     """Forward hooks that copy the source run's entries of every site in ``group``."""
-    by_hook: dict[str, list[PatchSite]] = {}
+    by_hook: dict[str, list[Site]] = {}
     for site in group:
         by_hook.setdefault(site.hook, []).append(site)
 
-    def make(name: str, sites: list[PatchSite]) -> HookFn:
+    def make(name: str, sites: list[Site]) -> HookFn:
         def hook(act: Tensor, *, hook) -> Tensor:
             src = source[name]  # the source's last k positions (all of them when k is None)
             if k is None and src.shape[1] != act.shape[1]:
                 raise ValueError("patching every position needs equal token lengths in each pair")
             for site in sites:
-                act[_selection(act, site, k)] = src[_selection(src, site, None)].to(act.dtype)
+                site.write(act, site.read(src), pos=_last(k))
             return act
 
         return hook
@@ -394,7 +329,7 @@ def _source_run(subject: Subject, batch: Batch, names: Sequence[str], k: int | N
     return acts, logits
 
 
-def _check_sites(subject: Subject, sites: Sequence[PatchSite]) -> None:
+def _check_sites(subject: Subject, sites: Sequence[Site]) -> None:
     missing = sorted({s.hook for s in sites} - set(subject.tl.hook_dict))
     if missing:
         raise ValueError(f"{subject.name} has no hook points {missing[:5]}")
@@ -405,7 +340,7 @@ def patched_metrics(
     subject: Subject,
     clean: Sequence[str],
     corrupted: Sequence[str],
-    groups: Sequence[Sequence[PatchSite]],
+    groups: Sequence[Sequence[Site]],
     *,
     mode: TraceMode = "noising",
     patch_at: PatchAt = "all",
@@ -453,6 +388,12 @@ class _GradPass:
     grads: dict[str, Tensor]
     source: dict[str, Tensor]
 
+    def delta(self, site: Site) -> Float[Tensor, "batch pos ..."]:
+        """``(source − target) · ∂metric/∂act`` at ``site``'s entries of the patched positions."""
+        pos, hook = _last(self.k), site.hook
+        source, target = site.read(self.source[hook]), site.read(self.acts[hook], pos)
+        return (source - target) * site.read(self.grads[hook], pos)
+
 
 def _grad_passes(
     subject: Subject,
@@ -498,7 +439,7 @@ def attribution_metrics(
     subject: Subject,
     clean: Sequence[str],
     corrupted: Sequence[str],
-    sites: Sequence[PatchSite],
+    sites: Sequence[Site],
     *,
     mode: TraceMode = "noising",
     patch_at: PatchAt = "all",
@@ -521,10 +462,7 @@ def attribution_metrics(
         t_metric[run.order] = run.target_metric.float().cpu()
         s_metric[run.order] = run.source_metric.float().cpu()
         for i, site in enumerate(sites):
-            act, grad, src = run.acts[site.hook], run.grads[site.hook], run.source[site.hook]
-            sel = _selection(act, site, run.k)
-            delta = (src[_selection(src, site, None)] - act[sel]) * grad[sel]
-            patched[i, run.order] = (run.target_metric + delta.flatten(1).sum(-1)).float().cpu()
+            patched[i, run.order] = (run.target_metric + run.delta(site).flatten(1).sum(-1)).float().cpu()
     return (patched, *((t_metric, s_metric) if mode == "noising" else (s_metric, t_metric)))
 
 
@@ -552,15 +490,14 @@ def neuron_attribution(
         raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}")
     metric = default_metric(subject, metric=metric)
     arch = subject.arch
-    names = [hook_name(layer, kind) for layer in range(arch.n_layers) for kind in kinds]
+    sites = neuron_sites(NeuronSet.full(arch, kinds))  # every neuron, one site per (layer, kind)
+    names = [site.hook for site in sites]
     target, source = (clean, corrupted) if mode == "noising" else (corrupted, clean)
     totals = {name: torch.zeros(0) for name in names}
     for run in _grad_passes(subject, target, source, names, patch_at, metric, batch_size, chat):
-        for name in names:
-            act = run.acts[name] if run.k is None else run.acts[name][:, -run.k :]
-            grad = run.grads[name] if run.k is None else run.grads[name][:, -run.k :]
-            effect = ((run.source[name] - act) * grad).sum(1).flatten(1).float().cpu().sum(0)
-            totals[name] = effect if not totals[name].numel() else totals[name] + effect
+        for site in sites:
+            effect = run.delta(site).sum(1).float().cpu().sum(0)
+            totals[site.hook] = effect if not totals[site.hook].numel() else totals[site.hook] + effect
     return {
         kind: torch.stack([totals[hook_name(layer, kind)] for layer in range(arch.n_layers)]) / len(clean)
         for kind in kinds
@@ -654,7 +591,7 @@ class TracingResult(TableResult):
         )
 
 
-def _frame(sites: Sequence[PatchSite], patched: Tensor, target: Tensor, gap: float) -> pd.DataFrame:
+def _frame(sites: Sequence[Site], patched: Tensor, target: Tensor, gap: float) -> pd.DataFrame:
     effects = (patched - target).double()
     n = effects.shape[1]
     sem = effects.std(dim=1) / math.sqrt(n) if n > 1 else torch.full((len(sites),), float("nan"))

@@ -101,7 +101,7 @@ def test_mean_ablation_sets_the_mean(make_subject):
         seen[hook.name] = act.clone()
 
     ids = torch.arange(6)[None]
-    with ablate(subject, neurons, mode="mean", means=means):
+    with ablate(subject, neurons, replace="mean", means=means):
         subject.tl.run_with_hooks(ids, fwd_hooks=[(n, record) for n in names])
     for (layer, kind), idx in neurons.indices.items():
         name, idx = hook_name(layer, kind), torch.tensor(idx)
@@ -113,7 +113,7 @@ def test_mean_ablation_needs_means(make_subject):
     subject = make_subject("llama")
     with (
         pytest.raises(ValueError, match="means"),
-        ablate(subject, sample_neurons(subject.arch, "q"), mode="mean"),
+        ablate(subject, sample_neurons(subject.arch, "q"), replace="mean"),
     ):
         pass
 

@@ -14,10 +14,8 @@ from safety_circuits.loading import DEFAULT_BACKEND
 from safety_circuits.neurons import (
     KINDS,
     ArchitectureMismatchError,
-    gather_neurons,
     hook_name,
     kind_size,
-    scatter_neurons,
 )
 from safety_circuits.patching import (
     PatchedDecoder,
@@ -63,19 +61,6 @@ def decode(decoder, subject, batch, steps=STEPS, stop=None):
     pad = subject.tokenizer.pad_token_id
     stop = stop_ids(subject) if stop is None else stop
     return greedy_decode(decoder, batch.input_ids, batch.attention_mask, steps, stop, pad)
-
-
-def test_gather_scatter_roundtrip():
-    act = torch.randn(2, 3, 4, 8)
-    index = torch.tensor([0, 9, 31])
-    values = gather_neurons(act, "o", index)
-    assert values.shape == (2, 3, 3)
-    torch.testing.assert_close(values, act.flatten(-2)[..., index])
-    scatter_neurons(act, "o", index, torch.zeros(2, 3, 3))
-    assert float(act.flatten(-2)[..., index].abs().sum()) == 0
-    ffn = torch.randn(2, 3, 10)
-    scatter_neurons(ffn, "ffn", torch.tensor([1, 4]), torch.ones(2, 3, 2))
-    assert ffn[..., [1, 4]].eq(1).all()
 
 
 @pytest.mark.parametrize("backend", ["hooked", "bridge"])

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from safety_circuits.neurons import ArchitectureMismatchError, NeuronSet
+from safety_circuits.sites import Site
 from safety_circuits.tracing import (
-    PatchSite,
     RefusalMetric,
     TracingResult,
     attribution_metrics,
@@ -84,12 +84,12 @@ def test_patching_a_run_with_itself_has_no_effect(subject, patch_at):
 def test_patching_everything_recovers_the_other_run(subject):
     """Every position of the whole residual stream (layer 0's input), or of every write to it."""
     arch = subject.arch
-    writes = [PatchSite(-1, "embed", "hook_embed")]
+    writes = [Site(-1, "embed", "hook_embed")]
     if arch.family == "gpt2":
-        writes.append(PatchSite(-1, "embed", "hook_pos_embed"))
+        writes.append(Site(-1, "embed", "hook_pos_embed"))
     writes += component_sites(arch, components=("attn", "mlp"))
     groups = [
-        [PatchSite(0, "resid", "blocks.0.hook_resid_pre")],
+        [Site(0, "resid", "blocks.0.hook_resid_pre")],
         writes,
         component_sites(arch, components=("attn",)),
     ]
@@ -202,6 +202,6 @@ def test_bad_input(make_subject):
     with pytest.raises(ValueError, match="method"):
         trace_components(subject, HARMFUL, HARMLESS, patch_at="last", method="gradient")
     with pytest.raises(ValueError, match="no hook points"):
-        patched_metrics(subject, HARMFUL, HARMLESS, [[PatchSite(0, "x", "blocks.0.nope")]], patch_at="last")
+        patched_metrics(subject, HARMFUL, HARMLESS, [[Site(0, "x", "blocks.0.nope")]], patch_at="last")
     with pytest.raises(ArchitectureMismatchError):
         trace_components(subject, HARMFUL, HARMLESS, neurons=neurons_of(make_subject("gpt2").arch))
