@@ -38,6 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safety_circuits._io import JSONResult, arch_from_dict, arch_to_dict
 from safety_circuits.ablation import mean_kl, next_token_logprobs
 from safety_circuits.activations import activations_at, check_positions, check_prompts, render, tokenize
 from safety_circuits.architecture import Architecture
@@ -175,12 +176,13 @@ def orthogonalize_weights(subject: Subject, direction: Float[Tensor, " d_model"]
 
 # -- the selected direction -------------------------------------------------------------------
 @dataclass
-class RefusalDirection:
+class RefusalDirection(JSONResult):
     """The selected difference-in-means direction and the scores of every candidate.
 
     ``vector`` is the raw (unnormalised) difference in means at ``layer``'s input and
     ``position``; ``candidates`` has one row per candidate: ``position``, ``layer``, ``norm``,
-    ``bypass``, ``induce``, ``kl``, ``passes`` (all filters) and ``selected``.
+    ``bypass``, ``induce``, ``kl``, ``passes`` (all filters) and ``selected``. ``save`` /
+    ``load`` as JSON.
     """
 
     vector: Float[Tensor, " d_model"]
@@ -188,6 +190,7 @@ class RefusalDirection:
     position: int
     candidates: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     @property
     def unit(self) -> Float[Tensor, " d_model"]:
@@ -247,6 +250,7 @@ class RefusalDirection:
             "position": self.position,
             "candidates": self.candidates.to_dict("records"),
             "config": self.config,
+            "arch": arch_to_dict(self.arch),
         }
 
     @classmethod
@@ -257,6 +261,7 @@ class RefusalDirection:
             int(d["position"]),
             pd.DataFrame(d["candidates"]),
             dict(d["config"]),
+            arch_from_dict(d.get("arch")),
         )
 
     def __repr__(self) -> str:
@@ -358,7 +363,9 @@ def find_refusal_direction(
         "baseline_harmless": base_harmless,
         "model": subject.name,
     }
-    return RefusalDirection(means[i, j].clone(), int(chosen["layer"]), int(chosen["position"]), frame, config)
+    return RefusalDirection(
+        means[i, j].clone(), int(chosen["layer"]), int(chosen["position"]), frame, config, subject.arch
+    )
 
 
 # -- direction vs safety neurons ------------------------------------------------------------
