@@ -158,7 +158,7 @@ def main() -> None:
         "settings": {"quick": quick, "new_tokens": new_tokens, "fractions": list(fractions)},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    (out / "patching_curve.json").write_text(json.dumps(curve.to_dict(), indent=2, default=str))
+    curve.save(out / "patching_curve.json")
 
     setup = (
         f"aligned {aligned.name}, unaligned {unaligned.name} ({aligned.backend}); contrast on {n_detect} "

@@ -28,6 +28,7 @@ from safety_circuits.neurons import NeuronSet, ablate, ablate_hf, check_neurons
 from safety_circuits.stats import kl_divergence
 
 if TYPE_CHECKING:
+    from safety_circuits.architecture import Architecture
     from safety_circuits.loading import Subject
 
 
@@ -48,6 +49,7 @@ class CapabilityEval(TableResult):
     """Per-question responses and correctness; ``accuracy`` is the exact-match rate."""
 
     frame: pd.DataFrame
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     @property
     def accuracy(self) -> float:
@@ -68,7 +70,7 @@ def capability_accuracy(
     )
     frame = questions.assign(response=responses)
     frame["correct"] = [is_correct(r, a) for r, a in zip(frame["response"], frame["answers"], strict=True)]
-    return CapabilityEval(frame)
+    return CapabilityEval(frame, arch=subject.arch)
 
 
 @torch.no_grad()

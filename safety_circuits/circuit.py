@@ -26,7 +26,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from safety_circuits._io import Record
+from safety_circuits._io import JSONResult, Record
 from safety_circuits.activations import activations_at, check_prompts
 from safety_circuits.architecture import Architecture
 from safety_circuits.neurons import Kind, NeuronSet, check_neurons, hook_name
@@ -111,12 +111,13 @@ def _neurons_of(arch: Architecture, frame: pd.DataFrame, name: str) -> NeuronSet
 
 
 @dataclass
-class RefusalCircuit:
+class RefusalCircuit(JSONResult):
     """Probes, candidate neurons, patching effects, and the kept components and neurons.
 
     ``candidates``: activation differences of the candidate neurons (see
     :func:`activation_difference`); ``neurons``: the candidates in neuron groups whose patching
     effect reaches the threshold; ``readable_layers``: layers where the probe passes.
+    ``save`` / ``load`` as JSON.
     """
 
     probes: ProbeResult
@@ -125,6 +126,11 @@ class RefusalCircuit:
     neurons: NeuronSet
     readable_layers: list[int]
     config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> Architecture:
+        """The model's architecture (the neurons')."""
+        return self.neurons.arch
 
     @property
     def n_layers(self) -> int:
@@ -268,26 +274,18 @@ class RefusalCircuit:
             "probes": self.probes.to_dict(),
             "tracing": self.tracing.to_dict(),
             "candidates": self.candidates.to_dict("records"),
-            "neurons": {
-                "arch": self.neurons.arch.to_dict(),
-                "name": self.neurons.name,
-                "indices": [[l, k, v.tolist()] for (l, k), v in self.neurons.indices.items()],
-            },
+            "neurons": self.neurons.to_dict(),
             "readable_layers": list(self.readable_layers),
             "config": self.config,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RefusalCircuit:
-        n = d["neurons"]
-        neurons = NeuronSet(
-            Architecture.from_dict(n["arch"]), {(l, k): v for l, k, v in n["indices"]}, name=n["name"]
-        )
         return cls(
             ProbeResult.from_dict(d["probes"]),
             TracingResult.from_dict(d["tracing"]),
             pd.DataFrame(d["candidates"]),
-            neurons,
+            NeuronSet.from_dict(d["neurons"]),
             list(d["readable_layers"]),
             dict(d["config"]),
         )

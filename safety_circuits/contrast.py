@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -425,7 +425,8 @@ class AlignmentTax(TableResult):
     ``frame``: one row per neuron of either set (``set`` is ``safety``, ``helpfulness`` or
     ``shared``) with both scores, the aligned model's mean activation on harmful and on harmless
     prompts, and the aligned-minus-unaligned shift on each. ``summary``: overlap ratios, their
-    chance level, and correlations on the shared neurons and on all scored neurons.
+    chance level, and correlations on the shared neurons and on all scored neurons. ``arch``: the
+    neurons' model.
     """
 
     safety: NeuronSet
@@ -437,11 +438,29 @@ class AlignmentTax(TableResult):
     def shared(self) -> NeuronSet:
         return self.safety & self.helpfulness
 
+    @property
+    def arch(self) -> Architecture:
+        return self.safety.arch
+
     def summary_frame(self) -> pd.DataFrame:
         return pd.DataFrame([self.summary])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": dict(self.summary), "rows": self.frame.to_dict("records")}
+        return {
+            "summary": dict(self.summary),
+            "safety": self.safety.to_dict(),
+            "helpfulness": self.helpfulness.to_dict(),
+            "rows": self.frame.to_dict("records"),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AlignmentTax:
+        return cls(
+            safety=NeuronSet.from_dict(d["safety"]),
+            helpfulness=NeuronSet.from_dict(d["helpfulness"]),
+            frame=pd.DataFrame(d["rows"]),
+            summary=dict(d["summary"]),
+        )
 
     def plot(self, title: str | None = None) -> go.Figure:
         """Shift (aligned - unaligned) on harmful vs on harmless prompts, one point per neuron."""

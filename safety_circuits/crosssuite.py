@@ -22,7 +22,6 @@ baseline matches a neuron detector, the neuron detector reads style.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -40,13 +39,14 @@ import torch
 from torch import Tensor
 
 from safety_circuits import data
-from safety_circuits._io import Record, TableResult, load_tensors, save_tensors
+from safety_circuits._io import Record, TableResult, arch_from_dict, arch_to_dict, load_tensors, save_tensors
 from safety_circuits.activations import activations_at, check_prompts, fits_context
 from safety_circuits.neurons import NeuronSet, check_arch
 from safety_circuits.probing import cross_validate, site_hook
 from safety_circuits.stats import separation
 
 if TYPE_CHECKING:
+    from safety_circuits.architecture import Architecture
     from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
@@ -327,6 +327,7 @@ class CrossSuiteResult(TableResult):
 
     frame: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     def table(self, negatives: str = "alarming", value: str = "auroc") -> pd.DataFrame:
         """``value`` (``auroc`` or ``fpr``) with its interval, one row per features and training,
@@ -386,16 +387,11 @@ class CrossSuiteResult(TableResult):
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "rows": self.frame.to_dict("records")}
+        return {"config": self.config, "arch": arch_to_dict(self.arch), "rows": self.frame.to_dict("records")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CrossSuiteResult:
-        return cls(pd.DataFrame(d["rows"]), d.get("config", {}))
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return cls(pd.DataFrame(d["rows"]), d.get("config", {}), arch_from_dict(d.get("arch")))
 
     def __repr__(self) -> str:
         return (
@@ -526,7 +522,7 @@ def cross_suite(
         "seed": seed,
         "too_long": dropped,  # prompts left out per suite: longer than the model's context
     }
-    return CrossSuiteResult(pd.DataFrame(results), record)
+    return CrossSuiteResult(pd.DataFrame(results), record, arch=subject.arch)
 
 
 def _check_rows(rows: pd.DataFrame, trainings: Sequence[Training], tested: Sequence[str]) -> None:

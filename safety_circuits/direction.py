@@ -38,7 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from safety_circuits._io import Record
+from safety_circuits._io import JSONResult, Record, arch_from_dict, arch_to_dict
 from safety_circuits.ablation import mean_kl, next_token_logprobs
 from safety_circuits.activations import activations_at, check_prompts, render, tokenize
 from safety_circuits.architecture import Architecture
@@ -171,12 +171,13 @@ def orthogonalize_weights(subject: Subject, direction: Float[Tensor, " d_model"]
 
 # -- the selected direction -------------------------------------------------------------------
 @dataclass
-class RefusalDirection:
+class RefusalDirection(JSONResult):
     """The selected difference-in-means direction and the scores of every candidate.
 
     ``vector`` is the raw (unnormalised) difference in means at ``layer``'s input and
     ``offset`` (from the end); ``candidates`` has one row per candidate: ``offset``, ``layer``, ``norm``,
-    ``bypass``, ``induce``, ``kl``, ``passes`` (all filters) and ``selected``.
+    ``bypass``, ``induce``, ``kl``, ``passes`` (all filters) and ``selected``. ``save`` /
+    ``load`` as JSON.
     """
 
     vector: Float[Tensor, " d_model"]
@@ -184,6 +185,7 @@ class RefusalDirection:
     offset: int
     candidates: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     @property
     def unit(self) -> Float[Tensor, " d_model"]:
@@ -243,6 +245,7 @@ class RefusalDirection:
             "offset": self.offset,
             "candidates": self.candidates.to_dict("records"),
             "config": self.config,
+            "arch": arch_to_dict(self.arch),
         }
 
     @classmethod
@@ -253,6 +256,7 @@ class RefusalDirection:
             int(d["offset"]),
             pd.DataFrame(d["candidates"]),
             dict(d["config"]),
+            arch_from_dict(d.get("arch")),
         )
 
     def __repr__(self) -> str:
@@ -374,7 +378,9 @@ def find_refusal_direction(
         "baseline_harmless": base_harmless,
         "model": subject.name,
     }
-    return RefusalDirection(means[i, j].clone(), int(chosen["layer"]), int(chosen["offset"]), frame, record)
+    return RefusalDirection(
+        means[i, j].clone(), int(chosen["layer"]), int(chosen["offset"]), frame, record, subject.arch
+    )
 
 
 # -- direction vs safety neurons ------------------------------------------------------------

@@ -23,6 +23,7 @@ from safety_circuits.activations import batches, prefix_cache, shared_prefix_len
 from safety_circuits.families import end_of_turn_tokens
 
 if TYPE_CHECKING:
+    from safety_circuits.architecture import Architecture
     from safety_circuits.data import EvalSplit, Suite
     from safety_circuits.loading import Subject
 
@@ -322,6 +323,7 @@ class RefusalEval(TableResult):
     metric: Literal["asr", "over_refusal"]
     frame: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     @classmethod
     def judged(
@@ -330,11 +332,13 @@ class RefusalEval(TableResult):
         prompts: Sequence[str],
         responses: Sequence[str],
         config: dict[str, Any] | None = None,
+        arch: Architecture | None = None,
     ) -> RefusalEval:
-        """The responses to ``prompts`` with their refusal flags (:func:`is_refusal`)."""
+        """The responses to ``prompts`` (of the model of ``arch``) with their refusal flags
+        (:func:`is_refusal`)."""
         frame = pd.DataFrame({"prompt": list(prompts), "response": list(responses)})
         frame["refused"] = frame["response"].map(is_refusal)
-        return cls(metric, frame, config=dict(config or {}))
+        return cls(metric, frame, config=dict(config or {}), arch=arch)
 
     @property
     def rate(self) -> float:
@@ -352,7 +356,7 @@ class RefusalEval(TableResult):
 def _refusal_eval(metric, subject, prompts, **kwargs) -> RefusalEval:
     responses = generate(subject, prompts, **kwargs)
     return RefusalEval.judged(
-        metric, prompts, responses, {k: v for k, v in kwargs.items() if k != "progress"}
+        metric, prompts, responses, {k: v for k, v in kwargs.items() if k != "progress"}, arch=subject.arch
     )
 
 
@@ -390,10 +394,12 @@ class SuiteEval(TableResult):
     with ``flagged`` what the suite's rate counts: an answer on a harmful suite (ASR), a refusal
     on a harmless one (over-refusal). :meth:`rates` gives every rate with its Wilson 95%
     interval; :meth:`compare` the paired difference of two models on the same prompts.
+    ``arch``: the models' architecture (None if they differ or the frame was made by hand).
     """
 
     frame: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
+    arch: Architecture | None = None
 
     def rates(self, by: Sequence[str] = ("model", "suite")) -> pd.DataFrame:
         """``k`` of ``n`` flagged prompts, the rate and its interval, per group of ``by``."""
@@ -430,7 +436,9 @@ class SuiteEval(TableResult):
 
     @classmethod
     def concat(cls, evals: Sequence[SuiteEval]) -> SuiteEval:
-        return cls(pd.concat([e.frame for e in evals], ignore_index=True), dict(evals[0].config))
+        archs = {e.arch for e in evals}
+        arch = archs.pop() if len(archs) == 1 else None
+        return cls(pd.concat([e.frame for e in evals], ignore_index=True), dict(evals[0].config), arch)
 
     def plot(self, title: str = "ASR vs over-refusal (pooled test prompts, 95% intervals)"):
         """Each model's ASR over the harmful suites against its over-refusal over the harmless
@@ -515,7 +523,7 @@ def evaluate_suites(
     responses = generate(subject, frame["prompt"].tolist(), **generate_kwargs)
     config = {"split": split, "n": n, "seed": seed, "judge": judge, **generate_kwargs}
     config.pop("progress", None)
-    return SuiteEval(_judged(frame, responses, judge, model or subject.name), config)
+    return SuiteEval(_judged(frame, responses, judge, model or subject.name), config, subject.arch)
 
 
 def budget_curve(

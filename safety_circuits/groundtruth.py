@@ -51,7 +51,14 @@ from jaxtyping import Float
 from scipy.stats import rankdata
 from torch import Tensor
 
-from safety_circuits._io import atomic_file, atomic_folder, load_tensors, save_tensors
+from safety_circuits._io import (
+    JSONResult,
+    arch_from_dict,
+    arch_to_dict,
+    atomic_folder,
+    load_tensors,
+    save_tensors,
+)
 from safety_circuits.activations import activations_at, check_prompts, render, tokenize
 from safety_circuits.contrast import contrast_activations
 from safety_circuits.detect import contrast_scores
@@ -74,6 +81,7 @@ from safety_circuits.tuning import (
 )
 
 if TYPE_CHECKING:
+    from safety_circuits.architecture import Architecture
     from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
@@ -433,36 +441,35 @@ def top_neurons(
 
 
 @dataclass
-class RecoveryResult:
+class RecoveryResult(JSONResult):
     """Every detector's :class:`Recovery` of the planted (and distractor) neurons, and for a
-    planted direction the cosine of each found direction to it."""
+    planted direction the cosine of each found direction to it. ``save`` / ``load`` as JSON."""
 
     rows: list[Recovery] = field(default_factory=list)
     directions: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per detector and target."""
         return pd.DataFrame([asdict(r) for r in self.rows], columns=[f.name for f in fields(Recovery)])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": [asdict(r) for r in self.rows], "directions": self.directions, "config": self.config}
+        return {
+            "rows": [asdict(r) for r in self.rows],
+            "directions": self.directions,
+            "config": self.config,
+            "arch": arch_to_dict(self.arch),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RecoveryResult:
+    def from_dict(cls, d: Mapping[str, Any]) -> RecoveryResult:
         return cls(
-            [Recovery(**r) for r in d["rows"]], list(d.get("directions", [])), dict(d.get("config", {}))
+            [Recovery(**r) for r in d["rows"]],
+            list(d.get("directions", [])),
+            dict(d.get("config", {})),
+            arch_from_dict(d.get("arch")),
         )
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> RecoveryResult:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def plot(self, title: str = "Recovery of the planted neurons") -> go.Figure:
         """AUROC (bars) of each detector for the planted and distractor neurons; 0.5 is chance."""
@@ -585,7 +592,7 @@ class RecoveryBenchmark:
         }
         if reference is not None:
             config["patching"] = {**reference, "prompts": len(self.patch_prompts or ())}
-        return RecoveryResult(rows, directions, config=config)
+        return RecoveryResult(rows, directions, config=config, arch=self.planted.subject.arch)
 
     def patched_asr(self, neurons: NeuronSet) -> float:
         """The original model's ASR on the patching prompts with ``neurons`` patched in from the

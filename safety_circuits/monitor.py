@@ -131,6 +131,7 @@ class DetectorEval(TableResult):
     frame: pd.DataFrame
     threshold: float
     config: dict[str, Any] = field(default_factory=dict)
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     @property
     def auroc(self) -> float:
@@ -306,7 +307,8 @@ class UnsafeOutputDetector:
             {"prompt": prompts, "label": y, "proba": proba, "predicted": proba >= self.threshold}
         )
         frame["predicted"] = frame["predicted"].astype(np.int64)
-        return DetectorEval(frame, self.threshold, config={"subject": subject.name, **self.config})
+        config = {"subject": subject.name, **self.config}
+        return DetectorEval(frame, self.threshold, config=config, arch=subject.arch)
 
     def calibrate(
         self, subject: Subject, safe_prompts: Sequence[str], fpr: float = 0.05, batch_size: int = 8

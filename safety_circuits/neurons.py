@@ -339,6 +339,22 @@ class NeuronSet:
         )
 
     # -- files ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the form a saved result that holds a set keeps it in)."""
+        indices = [[layer, kind, idx.tolist()] for (layer, kind), idx in self.indices.items()]
+        return {
+            "arch": self.arch.to_dict(),
+            "name": self.name,
+            "metadata": dict(self.metadata),
+            "indices": indices,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NeuronSet:
+        """The inverse of :meth:`to_dict`."""
+        indices = {(layer, kind): idx for layer, kind, idx in d["indices"]}
+        return cls(Architecture.from_dict(d["arch"]), indices, d.get("name", ""), d.get("metadata", {}))
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write boolean masks to a ``.safetensors`` file, with name, metadata and the model
         fingerprint as JSON in its header. The write is atomic (temp file, then rename)."""

@@ -38,7 +38,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from safety_circuits._io import Record, TableResult
+from safety_circuits._io import Record, TableResult, arch_from_dict, arch_to_dict
 from safety_circuits._kv_cache import new_hooked_cache
 from safety_circuits.activations import batches, check_prompts, mean_activations
 from safety_circuits.contrast import ContrastScores, check_pair
@@ -285,7 +285,7 @@ def dynamic_patching(
         "target": target.name,
         "source": None if source is None else source.name,
     }
-    return RefusalEval.judged(cfg.rate, prompts, responses, record)
+    return RefusalEval.judged(cfg.rate, prompts, responses, record, arch=target.arch)
 
 
 # -- safety restored vs fraction of neurons --------------------------------------------------------
@@ -321,6 +321,7 @@ class PatchingCurve(TableResult):
     judge_target: float | None = None
     judge_source: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     def fraction_for(self, level: float = 0.9, method: str = "dynamic", column: str = "restored") -> float:
         """Smallest fraction of neurons at which ``column`` reaches ``level`` (linear
@@ -346,6 +347,7 @@ class PatchingCurve(TableResult):
             "judge_target": self.judge_target,
             "judge_source": self.judge_source,
             "config": self.config,
+            "arch": arch_to_dict(self.arch),
             "rows": self.frame.to_dict("records"),
             "responses": self.responses.to_dict("records"),
         }
@@ -360,6 +362,7 @@ class PatchingCurve(TableResult):
             judge_target=d.get("judge_target"),
             judge_source=d.get("judge_source"),
             config=d.get("config", {}),
+            arch=arch_from_dict(d.get("arch")),
         )
 
     def plot(self, column: str = "restored", title: str | None = None) -> go.Figure:
@@ -519,4 +522,5 @@ def patching_curve(
         judge_target=judge_target,
         judge_source=judge_source,
         config=config,
+        arch=target.arch,
     )

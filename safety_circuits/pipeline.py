@@ -479,7 +479,7 @@ def detector(run: Run) -> pd.DataFrame:
     features += [ResidualFeatures(), DirectionFeatures(), TextFeatures()]
     per_suite = cfg.detector_per_suite or None
     result = cross_suite(run.base, features, test_per_suite=per_suite, seed=cfg.seed, batch_size=16)
-    _write_text(run.path("results", "detector.json"), json.dumps(result.to_dict()))
+    result.save(run.path("results", "detector.json"))
     _write_csv(run.path("results", "detector.csv"), result.to_frame())
     return result.meets()
 
@@ -586,7 +586,7 @@ def report(run: Run) -> Path:
     if deactivation is not None:
         sections.append(("Deactivation on the SN-Tuned model (paper Table 1)", [deactivation]))
     if run.path("results", "detector.json").exists():
-        cross = CrossSuiteResult.from_dict(json.loads(run.path("results", "detector.json").read_text()))
+        cross = CrossSuiteResult.load(run.path("results", "detector.json"))
         sections.append(
             (
                 "Unsafe-output detector across suites (base model, before generation)",

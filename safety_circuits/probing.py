@@ -27,12 +27,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from safety_circuits._io import TableResult
+from safety_circuits._io import TableResult, arch_from_dict, arch_to_dict
 from safety_circuits.activations import activations_at, check_prompts
 from safety_circuits.neurons import NeuronSet, check_neurons
 from safety_circuits.sites import act_name, neuron_sites
 
 if TYPE_CHECKING:
+    from safety_circuits.architecture import Architecture
     from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class ProbeResult(TableResult):
 
     frame: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     @property
     def per_layer(self) -> pd.DataFrame:
@@ -167,12 +169,12 @@ class ProbeResult(TableResult):
 
     def to_dict(self) -> dict[str, Any]:
         frame = self.frame.astype({"layer": object}).where(self.frame.notna(), None)
-        return {"config": self.config, "rows": frame.to_dict("records")}
+        return {"config": self.config, "arch": arch_to_dict(self.arch), "rows": frame.to_dict("records")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProbeResult:
         frame = pd.DataFrame(d["rows"]).astype({"layer": "Int64"})
-        return cls(frame=frame, config=dict(d.get("config", {})))
+        return cls(frame=frame, config=dict(d.get("config", {})), arch=arch_from_dict(d.get("arch")))
 
     def __repr__(self) -> str:
         if not len(self.per_layer):
@@ -232,7 +234,7 @@ def probe_layers(
         )
     config = {"site": site, "offset": offset, "cv": cv, "seed": seed, "C": C, "chat": chat}
     config |= {"n_harmful": len(harmful), "n_harmless": len(harmless), "label": subject.name}
-    return ProbeResult(pd.DataFrame(rows).astype({"layer": "Int64"}), config)
+    return ProbeResult(pd.DataFrame(rows).astype({"layer": "Int64"}), config, subject.arch)
 
 
 def probe_neurons(
@@ -286,4 +288,4 @@ def probe_neurons(
     )
     config = {"site": f"{label} neurons", "offset": offset, "cv": cv, "seed": seed, "C": C, "chat": chat}
     config |= {"n_harmful": len(harmful), "n_harmless": len(harmless), "label": label}
-    return ProbeResult(pd.DataFrame(rows).astype({"layer": "Int64"}), config)
+    return ProbeResult(pd.DataFrame(rows).astype({"layer": "Int64"}), config, subject.arch)

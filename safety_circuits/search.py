@@ -50,6 +50,7 @@ from safety_circuits.tuning import (
 )
 
 if TYPE_CHECKING:
+    from safety_circuits.architecture import Architecture
     from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class SearchResult(TableResult):
     objectives, the number of neurons tuned, the tuning run's seconds and the trial's."""
 
     frame: pd.DataFrame
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     def pareto(self) -> pd.DataFrame:
         """The trials no other trial beats on every objective (lower is better)."""
@@ -390,7 +392,9 @@ class RecipeSearch:
 
     def result(self) -> SearchResult:
         """Every complete trial stored so far."""
-        return result_of(self.study())
+        result = result_of(self.study())
+        result.arch = self.subject.arch
+        return result
 
 
 def matched_harmless(n: int, seed: int = 0) -> list[str]:

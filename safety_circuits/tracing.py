@@ -46,7 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from safety_circuits._io import Record, TableResult
+from safety_circuits._io import Record, TableResult, arch_from_dict, arch_to_dict
 from safety_circuits._kv_cache import cache_kwargs, new_cache, new_hooked_cache
 from safety_circuits.activations import Batch, batches, check_prompts, left_pad, render, tokenize
 from safety_circuits.neurons import KINDS, HookFn, Kind, NeuronSet, check_neurons
@@ -520,6 +520,7 @@ class TracingResult(TableResult):
     corrupted: np.ndarray
     patched: np.ndarray
     config: dict[str, Any] = field(default_factory=dict)
+    arch: Architecture | None = None  # the model's (None: not made from one)
 
     @property
     def gap(self) -> float:
@@ -570,6 +571,7 @@ class TracingResult(TableResult):
         frame = self.frame.astype({"head": object, "n_neurons": object})
         return {
             "config": self.config,
+            "arch": arch_to_dict(self.arch),
             "rows": frame.where(self.frame.notna(), None).to_dict("records"),
             "clean": self.clean.tolist(),
             "corrupted": self.corrupted.tolist(),
@@ -581,7 +583,12 @@ class TracingResult(TableResult):
         frame = pd.DataFrame(d["rows"]).astype({"head": "Int64", "n_neurons": "Int64"})
         frame["normalized"] = frame["normalized"].astype(float)
         return cls(
-            frame, np.array(d["clean"]), np.array(d["corrupted"]), np.array(d["patched"]), dict(d["config"])
+            frame,
+            np.array(d["clean"]),
+            np.array(d["corrupted"]),
+            np.array(d["patched"]),
+            dict(d["config"]),
+            arch_from_dict(d.get("arch")),
         )
 
     def __repr__(self) -> str:
@@ -683,4 +690,4 @@ def trace_components(
     if isinstance(metric, RefusalMetric) or metric is None:
         m = default_metric(subject, metric=metric)
         record |= {"refusal_ids": list(m.refusal_ids), "compliance_ids": list(m.compliance_ids)}
-    return TracingResult(frame, c.numpy(), x.numpy(), patched.numpy(), record)
+    return TracingResult(frame, c.numpy(), x.numpy(), patched.numpy(), record, subject.arch)

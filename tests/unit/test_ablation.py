@@ -93,6 +93,7 @@ def test_kl_and_capability(make_subject):
     ]
     result = capability_accuracy(subject, QUESTIONS, max_new_tokens=3, progress=False)
     assert 0 <= result.accuracy <= 1 and list(result.to_frame()["id"]) == ["a", "b"]
+    assert result.arch == subject.arch
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -55,7 +55,7 @@ def test_activation_difference(make_subject):
     assert ffn["abs_diff"].iloc[0] == pytest.approx(float(diff.abs().max()), rel=1e-5)
 
 
-def test_map_refusal_circuit(circuit):
+def test_map_refusal_circuit(circuit, tmp_path):
     subject, result = circuit
     assert isinstance(result, RefusalCircuit)
     assert set(result.readable_layers) <= set(range(subject.arch.n_layers)) and result.readable_layers
@@ -76,7 +76,8 @@ def test_map_refusal_circuit(circuit):
     assert list(summary["stage"]) == ["detection", "evaluation", "decision", "production"]
     assert summary["neurons"].sum() == len(result.neurons)
     assert isinstance(result.plot(), go.Figure)
-    again = RefusalCircuit.from_dict(result.to_dict())
+    again = RefusalCircuit.load(result.save(tmp_path / "circuit.json"), expect=subject)
+    assert result.arch == result.probes.arch == result.tracing.arch == subject.arch == again.arch
     assert again.neurons == result.neurons and again.readable_layers == result.readable_layers
     assert again.tracing.frame.equals(result.tracing.frame)
 

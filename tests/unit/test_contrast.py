@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -157,7 +158,7 @@ def test_clear_errors(pairs, make_subject):
         contrast_activations(aligned, unaligned, PROMPTS, generator="both")
 
 
-def test_alignment_tax(pairs):
+def test_alignment_tax(pairs, tmp_path):
     aligned, unaligned = pairs()
     safety = contrast_activations(aligned, unaligned, PROMPTS, tokens="prompt", kinds=("ffn", "o"))
     helpful = contrast_activations(aligned, unaligned, HARMLESS, tokens="prompt", kinds=("ffn", "o"))
@@ -180,6 +181,9 @@ def test_alignment_tax(pairs):
         float(safety.mean_aligned[row["kind"]][row["layer"], row["index"]])
     )
     assert isinstance(tax.plot(), go.Figure) and tax.to_dict()["summary"] == summary
+    again = AlignmentTax.load(tax.save(tmp_path / "tax.json"), expect=aligned)
+    assert again.safety == tax.safety and again.helpfulness == tax.helpfulness and again.summary == summary
+    pd.testing.assert_frame_equal(again.frame, tax.frame, check_dtype=False)
     with pytest.raises(ValueError, match="different kinds"):
         alignment_tax(
             safety, contrast_activations(aligned, unaligned, HARMLESS, tokens="prompt_last", kinds=["q"])

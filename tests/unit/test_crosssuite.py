@@ -112,7 +112,7 @@ def test_features_are_fitted_on_training_rows_only(result):
     assert _row(result, "planted", "bombs", "bombs", "bread")["n_features"] == 128
 
 
-def test_result_table_plot_and_round_trip(result, tmp_path):
+def test_result_table_plot_and_round_trip(result, tmp_path, make_subject):
     table = result.table("bread")
     assert list(table.columns) == ["bombs", "poisons"] and len(table) == 8
     assert table.loc[("text", "bombs"), "bombs"].endswith("*")
@@ -121,7 +121,8 @@ def test_result_table_plot_and_round_trip(result, tmp_path):
     meets = result.meets(min_auroc=0.5, max_fpr=1.0, negatives="bread")
     assert set(meets.index.get_level_values("training")) == {"bombs", "both"}
     path = result.save(tmp_path / "cross.json")
-    again = CrossSuiteResult.from_dict(__import__("json").loads(path.read_text()))
+    again = CrossSuiteResult.load(path, expect=make_subject("llama"))
+    assert again.arch == result.arch == make_subject("llama").arch
     pd.testing.assert_frame_equal(again.frame, result.frame, check_dtype=False)
 
 

@@ -155,7 +155,7 @@ def test_orthogonalization_refuses_gemma2_and_bad_directions(tokenizer):
         orthogonalize_weights(llama, torch.ones(7))
 
 
-def test_find_refusal_direction(make_subject):
+def test_find_refusal_direction(make_subject, tmp_path):
     subject = make_subject("llama")
     result = find_refusal_direction(subject, HARMFUL, HARMLESS, offsets=[-2, -1], max_kl=None)
     frame = result.to_frame()
@@ -170,7 +170,8 @@ def test_find_refusal_direction(make_subject):
     expected = diff_in_means(subject, HARMFUL, HARMLESS, offsets=[result.offset], layers=[result.layer])
     assert torch.allclose(result.vector, expected[0, 0])
     assert isinstance(result.plot(), go.Figure)
-    again = RefusalDirection.from_dict(result.to_dict())
+    again = RefusalDirection.load(result.save(tmp_path / "direction.json"), expect=subject)
+    assert result.arch == again.arch == subject.arch
     assert torch.allclose(again.vector, result.vector) and again.layer == result.layer
     x = torch.arange(9)[None]
     with torch.no_grad():

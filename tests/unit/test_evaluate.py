@@ -143,7 +143,7 @@ def test_is_refusal_agrees_with_human_labels():
     assert recall >= 0.75
 
 
-def test_rates_and_frames(make_subject):
+def test_rates_and_frames(make_subject, tmp_path):
     subject = make_subject("llama")
     asr = attack_success_rate(subject, PROMPTS, max_new_tokens=4, progress=False)
     over = over_refusal_rate(subject, PROMPTS, max_new_tokens=4, progress=False)
@@ -151,7 +151,8 @@ def test_rates_and_frames(make_subject):
     assert list(frame.columns) == ["prompt", "response", "refused"] and list(frame["prompt"]) == PROMPTS
     assert asr.rate == pytest.approx(1 - frame["refused"].mean())
     assert over.rate == pytest.approx(frame["refused"].mean())
-    again = RefusalEval.from_dict(asr.to_dict())
+    again = RefusalEval.load(asr.save(tmp_path / "asr.json"), expect=subject)
+    assert asr.arch == over.arch == again.arch == subject.arch
     assert again.rate == asr.rate and again.config["max_new_tokens"] == 4
 
 

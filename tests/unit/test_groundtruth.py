@@ -106,7 +106,7 @@ def test_activation_contrast_recovers_last_layer_planted_neurons(make_subject):
     assert result.rows[0].auroc >= 0.95
 
 
-def test_benchmark_scores_every_detector_on_both_targets(planted_llama):
+def test_benchmark_scores_every_detector_on_both_targets(planted_llama, tmp_path):
     result = RecoveryBenchmark(planted_llama, HARMFUL, HARMLESS, max_new_tokens=6).run()
     frame = result.to_frame()
     assert len(frame) == 2 * len(DETECTORS)
@@ -119,7 +119,8 @@ def test_benchmark_scores_every_detector_on_both_targets(planted_llama):
         )
     assert frame["auroc"].between(0, 1).all() and (frame["seconds"] >= 0).all()
     assert np.allclose(frame["chance_precision"], frame["n_target"] / frame["n_neurons"])
-    again = RecoveryResult.from_dict(result.to_dict())
+    again = RecoveryResult.load(result.save(tmp_path / "recovery.json"), expect=planted_llama.subject)
+    assert result.arch == again.arch == planted_llama.subject.arch
     assert again.to_frame().equals(frame)
     assert isinstance(result.plot(), go.Figure)
 

@@ -70,7 +70,7 @@ def test_unsafe_labels_follow_the_model_and_the_prompt_kind(make_subject):
         unsafe_labels(subject, PROMPTS[:3], harmful=[True])
 
 
-def test_fit_predict_evaluate(fitted):
+def test_fit_predict_evaluate(fitted, tmp_path):
     subject, detector = fitted
     assert detector.fitted and detector.neurons == neurons_of(subject)
     proba = detector.predict_proba(subject, PROMPTS)
@@ -86,7 +86,8 @@ def test_fit_predict_evaluate(fitted):
     assert set(result.to_frame().columns) == {"prompt", "label", "proba", "predicted"}
     assert result.summary()["n"] == 8
     assert isinstance(result.plot(), go.Figure)
-    assert DetectorEval.from_dict(result.to_dict()).auroc == result.auroc
+    again = DetectorEval.load(result.save(tmp_path / "eval.json"), expect=subject)
+    assert again.auroc == result.auroc and again.arch == result.arch == subject.arch
 
 
 def test_fit_with_labels_from_the_models_answers(make_subject):

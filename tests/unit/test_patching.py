@@ -175,7 +175,7 @@ def test_clear_errors(pairs, make_subject):
         decoder.prefill(batch.input_ids, batch.attention_mask)
 
 
-def test_patching_curve(pairs):
+def test_patching_curve(pairs, tmp_path):
     target, source = pairs()
     scores = contrast_activations(source, target, PROMPTS, tokens="prompt", kinds=("ffn", "o"))
 
@@ -201,7 +201,8 @@ def test_patching_curve(pairs):
     assert len(curve.responses) == 3 * (2 + len(frame))
     fig = curve.plot()
     assert isinstance(fig, go.Figure) and any("Chen et al." in (t.name or "") for t in fig.data)
-    again = PatchingCurve.from_dict(curve.to_dict())
+    again = PatchingCurve.load(curve.save(tmp_path / "curve.json"), expect=target)
+    assert curve.arch == again.arch == target.arch
     pd.testing.assert_frame_equal(again.frame, curve.frame)
     with pytest.raises(ValueError, match="fractions"):
         patching_curve(target, source, PROMPTS, scores, fractions=(0, 0.5))

@@ -122,11 +122,12 @@ def test_activations_at_matches_single_prompt_runs(make_subject, backend, names)
             assert torch.allclose(acts[name][i], cache[name][0, -2:].float(), atol=1e-5)
 
 
-def test_result_round_trip_and_plot(make_subject):
+def test_result_round_trip_and_plot(make_subject, tmp_path):
     subject = make_subject("gpt2")
     harmful, harmless = paired_prompts(12)
     result = probe_layers(subject, harmful, harmless, cv=3, chat=False)
-    again = ProbeResult.from_dict(result.to_dict())
+    again = ProbeResult.load(result.save(tmp_path / "probes.json"), expect=subject)
+    assert result.arch == again.arch == subject.arch
     assert again.frame.equals(result.frame) and again.config == result.config
     assert isinstance(result.plot(others={"again": again}), go.Figure)
     assert "best layer" in repr(result)

@@ -74,7 +74,7 @@ def test_an_interrupted_trial_is_marked_failed(make_subject, tmp_path):
     search.run(trials=1)
     states = [t.state for t in search.study().trials]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
-    assert len(search.result().frame) == 1
+    assert len(search.result().frame) == 1 and search.result().arch == search.subject.arch
 
 
 def test_each_rule_tunes_the_detect_set(make_subject, tmp_path):

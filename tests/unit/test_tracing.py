@@ -160,7 +160,7 @@ def test_neuron_attribution_equals_one_site_per_neuron(make_subject, family):
     } and scores["ffn"].shape[1] == subject.arch.d_mlp
 
 
-def test_result_views_round_trip_and_plots(make_subject):
+def test_result_views_round_trip_and_plots(make_subject, tmp_path):
     subject = make_subject("mistral")
     result = trace_components(
         subject,
@@ -178,7 +178,8 @@ def test_result_views_round_trip_and_plots(make_subject):
         assert isinstance(result.plot(which), go.Figure)
     top = result.top(3)
     assert len(top) == 3 and top["normalized"].abs().is_monotonic_decreasing
-    again = TracingResult.from_dict(result.to_dict())
+    again = TracingResult.load(result.save(tmp_path / "tracing.json"), expect=subject)
+    assert result.arch == again.arch == subject.arch
     assert again.frame.equals(result.frame)
     assert np.array_equal(again.patched, result.patched) and again.config == result.config
 
