@@ -418,7 +418,7 @@ class CrossSuiteConfig(Record):
     seed: int = 0
 
 
-def suite_rows(config: CrossSuiteConfig | None = None, **options: Any) -> pd.DataFrame:
+def suite_rows(*, config: CrossSuiteConfig | None = None, **options: Any) -> pd.DataFrame:
     """The prompts :func:`cross_suite` reads from the held-out suites (:func:`data.suite`): text,
     suite, split and label (1: harmful suite), ``per_suite`` drawn from each validation split the
     trainings use and ``test_per_suite`` from each test split (None: all). ``options`` set fields
@@ -466,7 +466,7 @@ def cross_suite(
     if len(set(names)) != len(names):
         raise ValueError(f"feature families need distinct names, got {names}")
     if rows is None:
-        rows = suite_rows(cfg)
+        rows = suite_rows(config=cfg)
     fits = np.asarray(fits_context(subject, rows["text"].tolist(), chat=chat))
     dropped = rows.loc[~fits, "suite"].value_counts().to_dict()
     if dropped:

@@ -80,7 +80,7 @@ def check_arch(expected: Architecture, got: Architecture, *, what: str = "Neuron
         )
 
 
-def check_neurons(neurons: Any, subject: Subject | None = None, what: str = "NeuronSet") -> NeuronSet:
+def check_neurons(neurons: Any, subject: Subject | None = None, *, what: str = "NeuronSet") -> NeuronSet:
     """``neurons`` if it is a :class:`NeuronSet` (made for ``subject``'s model, if given); a clear
     error otherwise (naming the argument order when the type is wrong)."""
     if not isinstance(neurons, NeuronSet):
@@ -414,6 +414,7 @@ def hf_slices(neurons: NeuronSet, *, subject: Subject | None = None) -> list[Par
 
 def hf_masks(subject: Subject, neurons: NeuronSet) -> dict[str, Bool[Tensor, "..."]]:
     """Boolean masks shaped like the HF parameters, True exactly on the entries ``neurons`` own."""
+    check_neurons(neurons, subject)
     params = dict(subject.hf.named_parameters())
     masks: dict[str, Tensor] = {}
     for s in hf_slices(neurons, subject=subject):
