@@ -205,8 +205,7 @@ def batches(
     texts = render(subject, prompts, chat=chat, system=system)
     ids = tokenize(subject, texts)
     selected = prompt_token_masks(subject, texts, prompts) if scope == "user" else None
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    chunks = _chunks(order, [len(x) for x in ids], batch_size)
+    chunks = _plan(ids, batch_size)
     for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         input_ids, mask = left_pad([ids[i] for i in chunk], subject.tokenizer.pad_token_id, subject.device)
         chosen = None if selected is None else left_pad([selected[i] for i in chunk], 0, subject.device)[0]
@@ -214,6 +213,26 @@ def batches(
             chosen = mask.clone()
             chosen[:, : max(mask.shape[1] - scope, 0)] = 0
         yield Batch(chunk, input_ids, mask, chosen)
+
+
+def batch_order(
+    subject: Subject,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    chat: bool = True,
+    system: str | None = None,
+) -> list[list[int]]:
+    """The batches :func:`batches` forms from ``prompts``, as lists of prompt indices (ascending
+    token count): a run over any of them, in this order, pads and computes as the whole run does."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return _plan(tokenize(subject, render(subject, prompts, chat=chat, system=system)), batch_size)
+
+
+def _plan(ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    return _chunks(order, [len(x) for x in ids], batch_size)
 
 
 #: At most this many padded tokens a batch (rows × longest row), so that a few long prompts

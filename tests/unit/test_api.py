@@ -38,8 +38,8 @@ def test_progress_bars_are_on_by_default():
 #: Modules whose entry points take a model or its results. Data loaders (``data.harmbench("test")``),
 #: statistics and plots keep their one natural positional argument.
 MODEL_MODULES = {
-    "ablation", "activations", "circuit", "contrast", "crosssuite", "detect", "direction", "evaluate",
-    "groundtruth", "importance", "loading", "monitor", "neurons", "patching", "probing", "sites",
+    "ablation", "activations", "circuit", "contrast", "crosssuite", "detect", "direction", "distributed",
+    "evaluate", "groundtruth", "importance", "loading", "monitor", "neurons", "patching", "probing", "sites",
     "tracing", "tuning",
 }  # fmt: skip
 #: Optional arguments that are data or neurons, so stay positional (model, data, neurons).
