@@ -22,10 +22,11 @@ import torch
 from safety_circuits._io import TableResult
 from safety_circuits.activations import batches, hidden_states, lm_head, to_right_padding
 from safety_circuits.data import capability_questions
-from safety_circuits.evaluate import Use, attack_success_rate, generate, over_refusal_rate
+from safety_circuits.evaluate import attack_success_rate, generate, over_refusal_rate
 from safety_circuits.importance import Importance
 from safety_circuits.neurons import NeuronSet, ablate, ablate_hf, check_neurons
 from safety_circuits.stats import kl_divergence
+from safety_circuits.vocabulary import Use
 
 if TYPE_CHECKING:
     from safety_circuits.architecture import Architecture

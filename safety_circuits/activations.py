@@ -199,8 +199,6 @@ def batches(
     scope: Scope = "all",
 ) -> Iterator[Batch]:
     """Yield left-padded batches of similar length (prompts sorted by token count)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     scope = check_scope(scope)
     texts = render(subject, prompts, chat=chat, system=system)
     ids = tokenize(subject, texts)
@@ -225,12 +223,13 @@ def batch_order(
 ) -> list[list[int]]:
     """The batches :func:`batches` forms from ``prompts``, as lists of prompt indices (ascending
     token count): a run over any of them, in this order, pads and computes as the whole run does."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return _plan(tokenize(subject, render(subject, prompts, chat=chat, system=system)), batch_size)
 
 
 def _plan(ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices per batch: by ascending token count, cut by :func:`_chunks`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     return _chunks(order, [len(x) for x in ids], batch_size)
 

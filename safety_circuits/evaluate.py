@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -21,13 +21,13 @@ from safety_circuits._io import TableResult
 from safety_circuits._kv_cache import cache_kwargs, new_cache, new_hooked_cache
 from safety_circuits.activations import batches, prefix_cache, shared_prefix_length
 from safety_circuits.families import end_of_turn_tokens
+from safety_circuits.vocabulary import Rate, Use
 
 if TYPE_CHECKING:
     from safety_circuits.architecture import Architecture
     from safety_circuits.data import EvalSplit, Suite
     from safety_circuits.loading import Subject
 
-Use = Literal["tl", "hf"]
 
 #: Phrases that mark a refusal, matched case-insensitively as whole phrases anywhere in the
 #: response (apostrophes normalised). Written for this project: first-person inability or
@@ -320,7 +320,7 @@ def generate_ids(
 class RefusalEval(TableResult):
     """Per-prompt responses and refusal flags; ``rate`` is ASR or over-refusal."""
 
-    metric: Literal["asr", "over_refusal"]
+    metric: Rate
     frame: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
     arch: Architecture | None = None  # the model's (None: not made from one)
@@ -328,7 +328,7 @@ class RefusalEval(TableResult):
     @classmethod
     def judged(
         cls,
-        metric: Literal["asr", "over_refusal"],
+        metric: Rate,
         prompts: Sequence[str],
         responses: Sequence[str],
         config: dict[str, Any] | None = None,

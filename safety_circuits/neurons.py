@@ -414,10 +414,10 @@ def hf_slices(neurons: NeuronSet, *, subject: Subject | None = None) -> list[Par
 
 def hf_masks(subject: Subject, neurons: NeuronSet) -> dict[str, Bool[Tensor, "..."]]:
     """Boolean masks shaped like the HF parameters, True exactly on the entries ``neurons`` own."""
-    check_neurons(neurons, subject)
+    slices = hf_slices(neurons, subject=subject)  # checks the set fits the model first
     params = dict(subject.hf.named_parameters())
     masks: dict[str, Tensor] = {}
-    for s in hf_slices(neurons, subject=subject):
+    for s in slices:
         if s.param not in params:
             raise KeyError(f"{s.param} is not a parameter of {subject.name}")
         mask = masks.setdefault(s.param, torch.zeros_like(params[s.param], dtype=torch.bool))
