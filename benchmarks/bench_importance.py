@@ -89,7 +89,7 @@ def memory_one(length: int, chunk_bytes: int) -> None:
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     geo = AttnGeometry(scale=64**-0.5, softcap=None, window=None, rotary=True)
     with PeakMemory(interval=0.001) as memory:
-        qk_importance(q, k, geo, (cos, sin), chunk_bytes=chunk_bytes)
+        qk_importance(q[None], k[None], geo, (cos[None], sin[None]), chunk_bytes=chunk_bytes)
     print(memory.extra_mb)
 
 

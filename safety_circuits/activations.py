@@ -325,14 +325,38 @@ def activations_at(
 
         return keep
 
-    extra = {}
-    if subject.backend == "hooked" and all(n.startswith("blocks.") for n in names):
-        extra["stop_at_layer"] = max(int(n.split(".")[1]) for n in names) + 1  # skip the layers after
+    hooks = [(n, keeper(n)) for n in names]
     for batch in batches(subject, prompts, batch_size=batch_size, chat=chat, system=system, desc=desc):
         shortest = int(batch.attention_mask.sum(-1).min())
         if -min(offsets) > shortest:
             raise ValueError(f"offset {min(offsets)} is before the start of a {shortest}-token prompt")
         rows[:] = batch.order
-        with subject.tl.hooks(fwd_hooks=[(n, keeper(n)) for n in names]):
-            subject.tl(batch.input_ids, attention_mask=batch.attention_mask, return_type=None, **extra)
+        run_hooks(subject, batch, hooks)
     return out
+
+
+class _Finished(Exception):
+    """Raised once every hook of a :func:`run_hooks` forward has run."""
+
+
+def run_hooks(subject: Subject, batch: Batch, fwd_hooks: Sequence[tuple[str, HookFn]]) -> None:
+    """One forward of ``batch`` with ``fwd_hooks``, stopped as soon as each of them has run once:
+    what comes after the last one (later layers, the final norm, the unembedding: a fifth of
+    SmolLM2's forward) is skipped, on both backends."""
+    left = set(range(len(fwd_hooks)))
+
+    def counted(i: int, fn: HookFn) -> HookFn:
+        def run(act: Tensor, *, hook) -> Tensor | None:
+            out = fn(act, hook=hook)
+            left.discard(i)
+            if not left:
+                raise _Finished
+            return out
+
+        return run
+
+    with subject.tl.hooks(fwd_hooks=[(name, counted(i, fn)) for i, (name, fn) in enumerate(fwd_hooks)]):
+        try:
+            subject.tl(batch.input_ids, attention_mask=batch.attention_mask, return_type=None)
+        except _Finished:
+            pass

@@ -22,6 +22,7 @@ extra memory stays under ``chunk_bytes`` whatever the prompt length.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,11 +32,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
 
 from safety_circuits._io import load_tensors, save_tensors
-from safety_circuits.activations import batches, check_prompts
+from safety_circuits.activations import batches, check_prompts, run_hooks
 from safety_circuits.architecture import Architecture, check_kinds
 from safety_circuits.families import AttnGeometry, QKNorm, adapter
 from safety_circuits.neurons import (
@@ -47,14 +48,22 @@ from safety_circuits.neurons import (
     kind_size,
 )
 from safety_circuits.sites import act_name, hook_name
+from safety_circuits.vocabulary import Scope
 
 if TYPE_CHECKING:
     from safety_circuits.loading import Subject
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 Rule = Literal["all", "any"]
-_ROW_BLOCKS = 2  # at least this many query-row blocks, each with only the keys it can see
+#: at least this many query-row blocks, each with only the keys it can see (eager, fused)
+_ROW_BLOCKS = {False: 2, True: 4}
 _TEMPORARIES = 12  # float32 tensors of a chunk's size alive at once (benchmarks/bench_importance.py)
+#: q/k neurons (layers x heads x d_head) from which ``fused=None`` compiles the q/k kernel:
+#: compiling costs seconds once per process, which a real model's importance repays
+#: (SmolLM2-135M has 17 280) and the unit tests' tiny models (at most 256) would not.
+FUSE_MIN_QK_NEURONS = 4096
 
 
 # -- attention geometry read from the model --------------------------------------------------
@@ -68,11 +77,10 @@ def _rotary(subject: Subject, length: int) -> tuple[Tensor, Tensor]:
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x * cos + rotate_half(x) * sin`` on the last axis (positions on axis 0)."""
+    """``x * cos + rotate_half(x) * sin`` for ``x`` [..., pos, heads, d] and ``cos``/``sin`` [..., pos, d]."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
-    return x * cos.view(shape) + rotated * sin.view(shape)
+    return x * cos[..., None, :] + rotated * sin[..., None, :]
 
 
 def _causal_mask(length: int, window: int | None, device) -> Bool[Tensor, "q k"]:
@@ -92,31 +100,87 @@ def _pattern(scores: Tensor, geo: AttnGeometry, allowed: Tensor, keys: int = -1)
 
 
 # -- the accelerated identities --------------------------------------------------------------
+def _shift(
+    scores: Tensor, x: Tensor, y: Tensor, x2: Tensor, y2: Tensor, rho_r: Tensor, rho_j: Tensor
+) -> Tensor:
+    """The change of the scaled scores ``[h, r, j, c]`` when dimension ``c`` is removed:
+    ``x[h, r, c] y[h, j, c] + x2[h, r, c] y2[h, j, c]`` (``−scale·Δ``, rotary's two terms), times
+    ``ρ = rho_r[h, r, c] rho_j[h, j, c]`` plus ``(ρ − 1)`` times the score (a normed head's
+    rescaling; ``ρ = 1`` exactly without q/k norms)."""
+    rho = rho_r[:, :, None] * rho_j[:, None]
+    shift = torch.addcmul(x[:, :, None] * y[:, None], x2[:, :, None], y2[:, None])
+    return shift.mul_(rho).add_(scores[..., None] * (rho - 1))
+
+
+def _change_sq(
+    scores: Tensor,
+    pattern: Tensor,
+    factors: tuple[Tensor, ...],
+    weights: Tensor,
+) -> Tensor:
+    """``Σ_r weights[h, r] Σ_j (pattern(scores + shift_c) − pattern)²`` per head and dimension ``c``
+    (``[h, c]``), for the shift of :func:`_shift` (``factors``: its six tensors) and no soft cap.
+
+    Each key's weight is multiplied by ``exp(shift_j)``. Relative to any ``a`` (per row and
+    dimension), with ``v_j = exp(shift_j − a) − 1`` and ``V = Σ_j p_j v_j`` the new pattern is
+    ``p_j (1 + v_j) / (1 + V)``, so ``Σ_j (p'_j − p_j)² = Σ_j p_j² (v_j − V)² / (1 + V)²``, and
+    ``Σ_j p_j² (v_j − V)² = Σ p² v² − 2 V Σ p² v + V² Σ p²``: sums over keys in one pass instead of
+    a softmax per dimension. ``a`` is the pattern-weighted mean of the unnormed shift (two
+    matmuls), so that ``V`` is of second order and the three sums do not cancel; only rounding
+    depends on it. Plain pointwise ops and sums over keys, which ``torch.compile`` fuses into one
+    pass that never holds the ``[h, r, j, c]`` shifts (:func:`_fused_change_sq`).
+    """
+    x, y, x2, y2 = factors[:4]
+    a = x * (pattern @ y) + x2 * (pattern @ y2)
+    v = (_shift(scores, *factors) - a[:, :, None]).expm1()
+    p = pattern[..., None]
+    p_sq = p.square()
+    big_v = (p * v).sum(2)
+    spread = (p_sq * v.square()).sum(2) - 2 * big_v * (p_sq * v).sum(2) + big_v.square() * p_sq.sum(2)
+    return (spread / (1 + big_v).square() * weights[..., None]).sum(1)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _fused_change_sq(
+    scores: Tensor, pattern: Tensor, factors: tuple[Tensor, ...], weights: Tensor
+) -> Tensor | None:
+    """:func:`_change_sq` compiled by ``torch.compile`` (once per process, shapes dynamic); ``None``
+    where compiling fails (no C++ compiler, an unsupported device), after one warning."""
+    if _COMPILED.get("failed"):
+        return None
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_change_sq, dynamic=True)
+    try:
+        return _COMPILED["fn"](scores, pattern, factors, weights)
+    except Exception as e:  # any compiler failure: the same code, eagerly
+        logger.warning("torch.compile of the q/k importance failed, computing it eagerly: %s", e)
+        _COMPILED["failed"] = True
+        return None
+
+
 def _pattern_change_sq(
     scores: Float[Tensor, "h r k"],
     pattern: Float[Tensor, "h r k"],
-    shifts: Float[Tensor, "h r k c"],
+    factors: tuple[Tensor, ...],
     geo: AttnGeometry,
-    allowed: Bool[Tensor, "r k"],
-    rows: Float[Tensor, " r"],
+    allowed: Bool[Tensor, "h r k"],
+    weights: Float[Tensor, "h r"],
+    fused: bool,
 ) -> Float[Tensor, "h c"]:
-    """Σ over rows (weighted by ``rows``) and keys of (pattern(scores + shift_c) − pattern(scores))².
-
-    ``shifts`` is the change of the scaled scores, ``−scale·Δ``. Without a soft cap, each key's
-    weight is multiplied by ``e_j = exp(shift_j)``, so with ``E = Σ_j p_j e_j`` the new pattern is
-    ``p_j e_j / E`` and ``Σ_j (p'_j − p_j)² = Σ_j p_j² (e_j − E)² / E²``: two weighted sums over keys
-    instead of a softmax per dimension (the same rounding as subtracting the two softmaxes). The
-    soft cap, or an ``exp`` that overflows, takes the direct softmax.
-    """
+    """Σ over rows (weighted) and keys of (pattern(scores + shift_c) − pattern(scores))² for every
+    dimension ``c``, the shifts given by their ``factors`` (:func:`_shift`): the one-pass identity
+    (:func:`_change_sq`, compiled when ``fused``), or, with a soft cap or where ``exp`` overflows,
+    the softmax of each shifted row."""
     if not geo.softcap:
-        e = torch.exp(shifts)
-        big_e = torch.einsum("hrk,hrkc->hrc", pattern, e)
-        spread = torch.einsum("hrk,hrkc->hrc", pattern.square(), e.sub_(big_e[:, :, None]).square_())
-        change = torch.einsum("hrc,r->hc", spread / big_e.square(), rows)
+        change = _fused_change_sq(scores, pattern, factors, weights) if fused else None
+        if change is None:
+            change = _change_sq(scores, pattern, factors, weights)
         if torch.isfinite(change).all():
             return change
-    perturbed = _pattern(scores[..., None] + shifts, geo, allowed[..., None], keys=-2)
-    return torch.einsum("hrkc,r->hc", (perturbed - pattern[..., None]).square(), rows)
+    perturbed = _pattern(scores[..., None] + _shift(scores, *factors), geo, allowed[..., None], keys=-2)
+    return torch.einsum("hrkc,hr->hc", (perturbed - pattern[..., None]).square(), weights)
 
 
 def _rms_normed(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -126,100 +190,103 @@ def _rms_normed(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x / mean_sq.sqrt() * weight.float(), rho
 
 
-def _renormed(shift: Tensor, scores: Tensor, rho: Tensor) -> Tensor:
-    """The scaled-score shift ``(ρ − 1) score + ρ shift`` of a normed head (``shift = −Δ``)."""
-    return shift.mul_(rho).add_(scores[..., None] * (rho - 1))
-
-
-def _chunks(n_heads: int, length: int, d_head: int, chunk_bytes: int) -> tuple[int, int, int]:
-    """Heads, query rows and dimensions per chunk so that h·r·l·c float32 temporaries fit."""
-    cells = max(1, chunk_bytes // (4 * _TEMPORARIES * length))  # h·r·c
-    dims = min(d_head, cells)
-    rows = min(-(-length // _ROW_BLOCKS), max(1, cells // dims))
+def _chunks(n_heads: int, length: int, d_head: int, chunk_bytes: int, fused: bool) -> tuple[int, int, int]:
+    """Heads, query rows and dimensions per chunk so that h·r·l·c float32 temporaries fit (the
+    fused kernel keeps none of that size, so its chunks are bounded by the pattern's h·r·l)."""
+    cells = max(1, chunk_bytes // (4 * length * (1 if fused else _TEMPORARIES)))  # h·r·c
+    dims = d_head if fused else min(d_head, cells)
+    rows = min(-(-length // _ROW_BLOCKS[fused]), max(1, cells // dims))
     heads = min(n_heads, max(1, cells // (dims * rows)))
     return heads, rows, dims
 
 
 def qk_importance(
-    q: Float[Tensor, "pos n_heads d_head"],
-    k: Float[Tensor, "pos n_kv d_head"],
+    q: Float[Tensor, "batch pos n_heads d_head"],
+    k: Float[Tensor, "batch pos n_kv d_head"],
     geo: AttnGeometry,
-    rotary: tuple[Tensor, Tensor] | None,
+    rotary: tuple[Float[Tensor, "batch pos d_head"], Float[Tensor, "batch pos d_head"]] | None,
     *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    queries: Float[Tensor, " pos"] | None = None,
+    keys: Shaped[Tensor, "batch pos"] | None = None,
+    queries: Shaped[Tensor, "batch pos"] | None = None,
     norm: QKNorm | None = None,
-) -> tuple[Float[Tensor, "n_heads d_head"], Float[Tensor, "n_kv d_head"]]:
-    """Pattern-change importance of every q and k dimension of one layer for one prompt (Eq. 14).
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    fused: bool = False,
+) -> tuple[Float[Tensor, "batch n_heads d_head"], Float[Tensor, "batch n_kv d_head"]]:
+    """Pattern-change importance of every q and k dimension of one layer for each prompt (Eq. 14).
 
     ``q`` and ``k`` are taken *before* rotary (the ``hook_q``/``hook_k`` activations, whose
-    entries are the neurons). Removing dimension ``d`` of ``q`` changes the raw score by
+    entries are the neurons); ``rotary`` holds each row's ``cos, sin`` at its tokens' positions.
+    Removing dimension ``d`` of ``q`` changes the raw score by
     ``Δ[i, j, d] = q[i, d] · (cos[i, d] k_rot[j, d] + s_d sin[i, d'] k_rot[j, d'])`` (``d'`` the
     rotary partner of ``d``, ``s_d = ±1``): its share of ``q_rot[i]·k_rot[j]``; ``k`` symmetrically.
-    ``queries`` (1 or 0 per position) restricts the sum to some query rows; every earlier key
-    still counts. Heads, query rows and dimensions are processed in chunks of at most ``chunk_bytes``.
+    ``keys`` (1 for a real token, 0 for padding; default all real) masks the padding out of every
+    pattern; ``queries`` (default ``keys``) weights the query rows summed over, every earlier real
+    key still counting. Prompts, heads, query rows and dimensions go in chunks of at most
+    ``chunk_bytes``; ``fused`` takes the compiled kernel (:func:`_fused_change_sq`).
 
     With a per-head RMSNorm on q and k (``norm``, as in Qwen3), zeroing ``q[i, d]`` also rescales
     the rest of the head by ``ρ[i, d] = rms(q[i]) / rms(q[i] without d)``, so the scaled score
     becomes ``ρ (score − Δ)`` with ``Δ`` taken on the normed ``q``: the shift is
     ``(ρ − 1) score − ρ Δ``; ``k`` symmetrically, per key.
     """
-    length, n_heads, d_head = q.shape
-    n_kv = k.shape[1]
+    b, length, n_heads, d_head = q.shape
+    n_kv = k.shape[2]
     kv_of = torch.arange(n_heads, device=q.device) // (n_heads // n_kv)  # KV head of each query head
-    q, k = q.float(), k[:, kv_of].float()  # k per query head: [pos, n_heads, d_head]
-    rho_q = rho_k = None
+    q, k = q.float(), k[:, :, kv_of].float()  # k per query head: [batch, pos, n_heads, d_head]
+    keys = q.new_ones(b, length) if keys is None else keys.float()
+    queries = keys if queries is None else queries.float()
+
+    def flat(x: Tensor) -> Tensor:  # [batch, pos, n_heads, d] -> [batch·n_heads, pos, d]
+        return x.transpose(1, 2).reshape(b * n_heads, length, d_head)
+
+    one = q.new_ones(b * n_heads, length, d_head)  # ρ without q/k norms
+    rho_q = rho_k = one
     if norm is not None:
         (q, rho_q), (k, rho_k) = _rms_normed(q, norm.q, norm.eps), _rms_normed(k, norm.k, norm.eps)
-        rho_q, rho_k = rho_q.transpose(0, 1), rho_k.transpose(0, 1)  # [n_heads, pos, d_head]
+        rho_q, rho_k = flat(rho_q), flat(rho_k)
     arange = torch.arange(d_head, device=q.device)
     if rotary is None:  # no rotation: cos = 1, sin = 0
-        cos, sin = q.new_ones(length, d_head), q.new_zeros(length, d_head)
+        cos, sin = q.new_ones(b, length, d_head), q.new_zeros(b, length, d_head)
         partner, sign = arange, q.new_ones(d_head)
     else:
-        cos, sin = rotary
+        cos, sin = (t.float() for t in rotary)
         partner = (arange + d_head // 2) % d_head
         sign = torch.where(arange < d_head // 2, 1.0, -1.0).to(q)
-    sin_p = sin[:, partner] * sign  # [pos, d_head]: the signed partner sine
-
-    def heads_first(x: Tensor) -> Tensor:
-        return x.transpose(0, 1).contiguous()  # [n_heads, pos, d_head]
-
-    q_rot, k_rot = heads_first(_rotate(q, cos, sin)), heads_first(_rotate(k, cos, sin))
+    sin_p = sin[..., partner] * sign  # [batch, pos, d_head]: the signed partner sine
+    q_rot, k_rot = flat(_rotate(q, cos, sin)), flat(_rotate(k, cos, sin))
+    q_rot_p, k_rot_p = q_rot[..., partner], k_rot[..., partner]  # [..., c] holds the partner of c
     # Δ's factors, times −scale so that the products are the changes of the scaled scores
-    q_cos, q_sin = (heads_first(-geo.scale * q * t[:, None]) for t in (cos, sin_p))
-    k_cos, k_sin = (heads_first(-geo.scale * k * t[:, None]) for t in (cos, sin_p))
-    allowed = _causal_mask(length, geo.window, q.device)
-    queries = q.new_ones(length) if queries is None else queries.float()
-    chosen = queries.nonzero()
+    q_cos, q_sin = (flat(-geo.scale * q * t[:, :, None]) for t in (cos, sin_p))
+    k_cos, k_sin = (flat(-geo.scale * k * t[:, :, None]) for t in (cos, sin_p))
+    # a padding row sees itself only, so that its (unweighted) pattern stays finite
+    allowed = _causal_mask(length, geo.window, q.device) & keys.bool()[:, None]
+    allowed |= torch.eye(length, dtype=torch.bool, device=q.device)
+    owner = torch.arange(b, device=q.device).repeat_interleave(n_heads)  # the prompt of each flat head
+    weights = queries[owner]
+    chosen = queries.any(0).nonzero()
     first, last = (int(chosen[0]), int(chosen[-1]) + 1) if len(chosen) else (0, 0)
-    n_h, rows, dims = _chunks(n_heads, length, d_head, chunk_bytes)
-    q_sq = q.new_zeros(n_heads, d_head)
-    k_sq = q.new_zeros(n_heads, d_head)  # per query head, summed into its KV head at the end
-    for h0 in range(0, n_heads, n_h):
-        h = slice(h0, min(h0 + n_h, n_heads))
+    n_h, rows, dims = _chunks(b * n_heads, length, d_head, chunk_bytes, fused)
+    q_sq = q.new_zeros(b * n_heads, d_head)
+    k_sq = q.new_zeros(b * n_heads, d_head)  # per query head, summed into its KV head at the end
+    for h0 in range(0, b * n_heads, n_h):
+        h = slice(h0, min(h0 + n_h, b * n_heads))
         for r0 in range(first, last, rows):
             r = slice(r0, min(r0 + rows, last))
             j = slice(0, r.stop)  # later keys are masked for every query row of the block
+            ok = allowed[owner[h], r, j]
             scores = (q_rot[h, r] @ k_rot[h, j].transpose(1, 2)) * geo.scale  # [head, query i, key j]
-            pattern = _pattern(scores, geo, allowed[r, j])
+            pattern = _pattern(scores, geo, ok)
+            w = weights[h, r]
             for c0 in range(0, d_head, dims):
                 c = slice(c0, min(c0 + dims, d_head))
-                pc = partner[c]
-                dq = torch.addcmul(
-                    q_cos[h, r, None, c] * k_rot[h, None, j, c], q_sin[h, r, None, c], k_rot[h, None, j, pc]
-                )
-                if rho_q is not None:
-                    dq = _renormed(dq, scores, rho_q[h, r, None, c])
-                q_sq[h, c] += _pattern_change_sq(scores, pattern, dq, geo, allowed[r, j], queries[r])
-                dk = torch.addcmul(
-                    k_cos[h, None, j, c] * q_rot[h, r, None, c], k_sin[h, None, j, c], q_rot[h, r, None, pc]
-                )
-                if rho_k is not None:
-                    dk = _renormed(dk, scores, rho_k[h, None, j, c])
-                k_sq[h, c] += _pattern_change_sq(scores, pattern, dk, geo, allowed[r, j], queries[r])
-    k_sq = k_sq.new_zeros(n_kv, d_head).index_add_(0, kv_of, k_sq)
-    return q_sq.sqrt(), k_sq.sqrt()
+                on_q = (q_cos[h, r, c], k_rot[h, j, c], q_sin[h, r, c], k_rot_p[h, j, c], rho_q[h, r, c])
+                on_q += (one[h, j, c],)
+                q_sq[h, c] += _pattern_change_sq(scores, pattern, on_q, geo, ok, w, fused)
+                on_k = (q_rot[h, r, c], k_cos[h, j, c], q_rot_p[h, r, c], k_sin[h, j, c], one[h, r, c])
+                on_k += (rho_k[h, j, c],)
+                k_sq[h, c] += _pattern_change_sq(scores, pattern, on_k, geo, ok, w, fused)
+    k_sq = k_sq.view(b, n_kv, n_heads // n_kv, d_head).sum(2)
+    return q_sq.view(b, n_heads, d_head).sqrt(), k_sq.sqrt()
 
 
 def _column_norms(x: Float[Tensor, "batch pos n"], mask: Tensor) -> Float[Tensor, "batch n"]:
@@ -391,12 +458,19 @@ def neuron_importance(
     chat: bool = True,
     progress: bool = True,
     scope: Scope = "all",
+    fused: bool | None = None,
 ) -> Importance:
     """Importance of every neuron of ``kinds`` for each prompt (Eq. 1, accelerated; see module doc).
 
     ``scope="user"`` measures the change on the prompt's own tokens only (for q/k: those query
     rows), so that neurons busy with the chat template, which every prompt shares, do not look
     important for every prompt; ``scope=k`` on the last ``k`` tokens of each rendered prompt.
+    Each forward stops after the last layer's hooks (no final norm, no unembedding).
+
+    ``fused`` computes the q/k scores with a ``torch.compile``-d kernel (the same arithmetic,
+    fused: 2.5x faster on SmolLM2 on a CPU; compiling takes seconds once per process, about 30 s
+    the first time on a machine); ``None`` uses it for models with at least
+    :data:`FUSE_MIN_QK_NEURONS` q/k neurons. The scores agree to float32 rounding either way.
 
     >>> from safety_circuits.testing import tiny_subject
     >>> subject = tiny_subject("llama")
@@ -409,9 +483,11 @@ def neuron_importance(
     prompts = check_prompts(prompts)
     kinds = check_kinds(kinds)
     arch = subject.arch
+    if fused is None:
+        fused = arch.n_layers * arch.n_heads * arch.d_head >= FUSE_MIN_QK_NEURONS
     scores = {k: torch.zeros(len(prompts), arch.n_layers, kind_size(arch, k)) for k in kinds}
-    w_o = subject.tl.W_O.detach()
-    w_out_norm = subject.tl.W_out.detach().float().norm(dim=-1)  # [layer, d_mlp]
+    blocks = subject.tl.blocks  # per layer: the layers of a sharded model sit on several devices
+    w_out_norm = [block.mlp.W_out.detach().float().norm(dim=-1) for block in blocks]  # [d_mlp] each
     geos = [_geometry(subject, layer) for layer in range(arch.n_layers)]
     norms = [adapter(arch).qk_norm(subject.hf, layer) for layer in range(arch.n_layers)]
     stash: dict[str, Tensor] = {}
@@ -422,54 +498,51 @@ def neuron_importance(
 
     def on_post(act: Tensor, *, hook) -> None:
         layer = int(hook.name.split(".")[1])
-        norms = _column_norms(act, state["mask"]) * w_out_norm[layer]
-        scores["ffn"][state["rows"], layer] = norms.cpu()
+        change = _column_norms(act, state["mask"].to(act.device)) * w_out_norm[layer]
+        scores["ffn"][state["rows"], layer] = change.cpu()
 
     def on_z(act: Tensor, *, hook) -> None:
         layer = int(hook.name.split(".")[1])
-        mask, rows = state["mask"], state["rows"]
+        mask, rows = state["mask"].to(act.device), state["rows"]  # a sharded model's layer device
         if "v" in kinds or "o" in kinds:
-            v, o = vo_importance(act, mask, w_o[layer], arch.n_kv_heads)
+            v, o = vo_importance(act, mask, blocks[layer].attn.W_O.detach(), arch.n_kv_heads)
             for kind, value in (("v", v), ("o", o)):
                 if kind in kinds:
                     scores[kind][rows, layer] = value.flatten(1).cpu()
         if "q" in kinds or "k" in kinds:
-            q_all, k_all = stash.pop(hook_name(layer, "q")), stash.pop(hook_name(layer, "k"))
-            for row, prompt_index in enumerate(rows):
-                length = int(state["real"][row].sum())
-                q, k = q_all[row, -length:], k_all[row, -length:]
-                rotary = tuple(t[:length] for t in state["rotary"]) if geos[layer].rotary else None
-                q_imp, k_imp = qk_importance(
-                    q,
-                    k,
-                    geos[layer],
-                    rotary,
-                    chunk_bytes=chunk_bytes,
-                    queries=mask[row, -length:],
-                    norm=norms[layer],
-                )
-                if "q" in kinds:
-                    scores["q"][prompt_index, layer] = q_imp.flatten().cpu()
-                if "k" in kinds:
-                    scores["k"][prompt_index, layer] = k_imp.flatten().cpu()
+            q_imp, k_imp = qk_importance(
+                stash.pop(hook_name(layer, "q")),
+                stash.pop(hook_name(layer, "k")),
+                geos[layer],
+                tuple(t.to(act.device) for t in state["rotary"]) if geos[layer].rotary else None,
+                keys=state["real"].to(act.device),
+                queries=mask,
+                norm=norms[layer],
+                chunk_bytes=chunk_bytes,
+                fused=fused,
+            )
+            for kind, value in (("q", q_imp), ("k", k_imp)):
+                if kind in kinds:
+                    scores[kind][rows, layer] = value.flatten(1).cpu()
 
     hooks = []
     for layer in range(arch.n_layers):
-        if "ffn" in kinds:
-            hooks.append((hook_name(layer, "ffn"), on_post))
         if "q" in kinds or "k" in kinds:
             hooks += [(hook_name(layer, "q"), keep), (hook_name(layer, "k"), keep)]
         if set(kinds) - {"ffn"}:
             hooks.append((hook_name(layer, "o"), on_z))
+        if "ffn" in kinds:
+            hooks.append((hook_name(layer, "ffn"), on_post))
+    rotary = any(g.rotary for g in geos) and ("q" in kinds or "k" in kinds)
     desc = "neuron importance" if progress else None
     for batch in batches(subject, prompts, batch_size=batch_size, chat=chat, desc=desc, scope=scope):
         state["real"] = batch.attention_mask
         state["mask"] = batch.measured.float()
         state["rows"] = batch.order
-        if any(g.rotary for g in geos) and ("q" in kinds or "k" in kinds):
-            state["rotary"] = _rotary(subject, batch.input_ids.shape[1])
-        with subject.tl.hooks(fwd_hooks=hooks):
-            subject.tl(batch.input_ids, attention_mask=batch.attention_mask, return_type=None)
+        if rotary:  # each row's positions count from its first real token (left padding)
+            positions = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+            state["rotary"] = tuple(t[positions] for t in _rotary(subject, batch.input_ids.shape[1]))
+        run_hooks(subject, batch, hooks)
         stash.clear()
     config = {
         "kinds": list(kinds),

@@ -2,6 +2,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from safety_circuits import importance
 from safety_circuits.families import AttnGeometry, adapter
 from safety_circuits.importance import (
     Importance,
@@ -43,6 +44,24 @@ def test_accelerated_equals_brute_force(exact_subject, request):
                 report.append(f"{kind}{layer} rho={rho:.2f}")
                 assert rho >= 0.8, (kind, layer, rho)
     print(f"\n{request.node.callspec.id}: Spearman(q/k pattern change, output change): {', '.join(report)}")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("backend", ["hooked"])  # the kernel is the same on either backend
+def test_fused_kernel_equals_brute_force(make_subject, family, backend):
+    """The compiled q/k kernel (what real models use: ``fused=None`` from FUSE_MIN_QK_NEURONS) equals
+    the brute-force pattern change and the eager code: rotary and grouped keys (llama), q/k norms
+    (qwen3), padding (the shorter prompt)."""
+    subject = make_subject(family, backend)
+    prompts = [PROMPT, "Hi"]
+    fused = neuron_importance(subject, prompts, kinds=("q", "k"), fused=True, progress=False)
+    assert "fn" in importance._COMPILED and not importance._COMPILED.get("failed"), "torch.compile failed"
+    eager = neuron_importance(subject, prompts, kinds=("q", "k"), fused=False, progress=False)
+    for kind in ("q", "k"):
+        assert torch.allclose(fused.scores[kind], eager.scores[kind], rtol=1e-4, atol=1e-7), kind
+        for layer in range(subject.arch.n_layers):
+            slow = ablation_importance(subject, PROMPT, layer, kind, measure="pattern")
+            assert relative_error(fused.scores[kind][0, layer], slow) <= 1e-4, (kind, layer)
 
 
 def test_batched_prompts_equal_single_prompts(make_subject):
@@ -134,7 +153,7 @@ def test_qk_importance_equals_direct_pattern_change(size):
     g = torch.Generator().manual_seed(0)
     q, k = size * torch.randn(9, 2, 8, generator=g), size * torch.randn(9, 1, 8, generator=g)
     geo = AttnGeometry(scale=8**-0.5, softcap=None, window=None, rotary=False)
-    q_imp, k_imp = qk_importance(q, k, geo, rotary=None)
+    q_imp, k_imp = (x[0] for x in qk_importance(q[None], k[None], geo, rotary=None))
     allowed = torch.ones(9, 9).tril().bool()
 
     def pattern(qh, kh):
