@@ -54,7 +54,7 @@ from safety_circuits._io import Record, atomic_folder
 from safety_circuits._memory import PeakMemory
 from safety_circuits.activations import check_prompts, hidden_states, lm_head, logits_at
 from safety_circuits.detect import robust_safety_neurons
-from safety_circuits.distributed import _check_agreement, _described, collective_device, shard
+from safety_circuits.distributed import _check_agreement, _described, collective_device, rank_and_world, shard
 from safety_circuits.evaluate import generate, stop_ids
 from safety_circuits.loading import load_model
 from safety_circuits.neurons import NeuronSet, ParamSlice, check_neurons, hf_slices
@@ -540,6 +540,11 @@ def _data_parallel(
 ) -> Accelerator | None:
     """``accelerator`` when it spans several processes (``None`` otherwise), after every process
     checked that all of them tune the same weights with the same arguments."""
+    if accelerator is not None and accelerator.num_processes == 1 and rank_and_world()[1] > 1:
+        raise ValueError(
+            f"the accelerator spans one process but torch.distributed has {rank_and_world()[1]}: "
+            "on the CPU make it with Accelerator(cpu=True)"
+        )
     if accelerator is None or accelerator.num_processes == 1:
         return None
     kind = str(accelerator.distributed_type).rpartition(".")[2]

@@ -7,6 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,6 +113,10 @@ def _tune_on(rank: int, subject, accelerator, out: Path) -> None:
             tune(subject, documents, chosen, accelerator=accelerator, **{**TUNE, **options})
         except ValueError as e:
             (out / f"{name}_rank{rank}.txt").write_text(str(e))
+    try:  # what Accelerator() without cpu=True reports on a CPU-only machine under torchrun
+        tune(subject, DOCUMENTS, neurons, accelerator=SimpleNamespace(num_processes=1), **TUNE)
+    except ValueError as e:
+        (out / f"one_process_accelerator_rank{rank}.txt").write_text(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +223,12 @@ def test_every_rank_names_what_tune_disagrees_on(ranks, case):
     for rank in range(WORLD):
         text = (ranks / f"{case}_rank{rank}.txt").read_text()
         assert re.search(rf"ranks disagree on the {what}: the hash on ranks \[1\] differs", text), text
+
+
+def test_a_one_process_accelerator_among_ranks_raises(ranks):
+    for rank in range(WORLD):
+        text = (ranks / f"one_process_accelerator_rank{rank}.txt").read_text()
+        assert "torch.distributed has 2: on the CPU make it with Accelerator(cpu=True)" in text
 
 
 def test_one_process_accelerator_is_plain_tune(make_subject, alone):
