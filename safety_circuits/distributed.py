@@ -19,6 +19,9 @@ A script launched by ``torchrun`` (``examples/detect_distributed.py``)::
 
     torchrun --nproc_per_node 2 examples/detect_distributed.py --limit 8
 
+Data-parallel SN-Tune is :func:`~safety_circuits.tuning.tune` with an ``accelerate.Accelerator``
+(``examples/tune_distributed.py``); it shares :func:`shard` and the agreement check below.
+
 Collectives: the scores travel as padded float32 tensors (``all_gather``), on the CPU for gloo
 and on the rank's current CUDA device for nccl. Before any work, the ranks compare hashes of
 their prompts, options and batches, and all raise a ``ValueError`` naming what differs.
@@ -52,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 #: The environment variables ``torchrun`` sets that :func:`init_from_env` needs.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_CHECKED = ("prompts", "options", "batches (model, tokenizer or chat template)")
 
 
 def is_initialized() -> bool:
@@ -153,7 +155,12 @@ def neuron_importance_distributed(
         problem = e
     shared_options = {k: v for k, v in options.items() if k != "progress"}  # a bar on rank 0 only is fine
     model = None if plan is None else [subject.arch.fingerprint(), plan]
-    _check_agreement([_described(prompts), shared_options, model], group=group, device=device)
+    checked = {
+        "prompts": _described(prompts),
+        "options": shared_options,
+        "batches (model, tokenizer or chat template)": model,
+    }
+    _check_agreement(checked, caller="neuron_importance_distributed", group=group, device=device)
     if problem is not None:
         raise problem
     assert plan is not None
@@ -225,16 +232,19 @@ def _digest(value: Any) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
 
 
-def _check_agreement(values: list[Any], *, group: dist.ProcessGroup | None, device: torch.device) -> None:
-    """Raise on every rank, naming the first of :data:`_CHECKED` whose hash differs across ranks."""
-    mine = torch.tensor([_digest(v) for v in values], dtype=torch.int64, device=device)
+def _check_agreement(
+    values: dict[str, Any], *, caller: str, group: dist.ProcessGroup | None, device: torch.device
+) -> None:
+    """Raise on every rank, naming the first of ``values`` (what: value) whose hash differs across
+    ranks; ``caller`` is the function every rank must call with the same arguments."""
+    mine = torch.tensor([_digest(v) for v in values.values()], dtype=torch.int64, device=device)
     parts = [torch.empty_like(mine) for _ in range(rank_and_world(group=group)[1])]
     dist.all_gather(parts, mine, group=group)
     table = torch.stack(parts).cpu()
-    for what, column in zip(_CHECKED, table.T, strict=True):
+    for what, column in zip(values, table.T, strict=True):
         if not (column == column[0]).all():
             differ = [r for r in range(len(column)) if column[r] != column[0]]
             raise ValueError(
                 f"the ranks disagree on the {what}: the hash on ranks {differ} differs from rank 0's; "
-                "every rank must call neuron_importance_distributed with the same prompts, options and model"
+                f"every rank must call {caller} with the same {', '.join(values)}"
             )

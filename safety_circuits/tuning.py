@@ -13,6 +13,18 @@ change; every other parameter stays bit-identical. Three mechanisms:
 
 Documents are (prompt, response) pairs rendered with the chat template; the loss is the mean
 cross-entropy on the response tokens (and the end-of-turn token).
+
+Data-parallel (``tune(..., accelerator=Accelerator(cpu=True))`` in every process of ``torchrun``
+or ``accelerate launch``): every process forms the same batches, takes its
+:func:`~safety_circuits.distributed.shard` of each, and divides its loss sums by the whole
+batch's token counts; the gradients of the trainable tensors are then summed over the processes
+(``accelerator.reduce``, an ``all_reduce``), so every process takes the one-process step of the
+whole batch: DDP's update, without wrapping the model (the delta mechanism's tensors are not the HF
+model's parameters, and a process with an empty share adds zeros instead of stalling DDP's
+reducer). Every process holds the whole model; FSDP and DeepSpeed (sharded weights, for a model
+that does not fit one device) are not supported and raise. The ranks first compare hashes of their
+documents, options, neurons and weights, and all raise a ``ValueError`` naming what differs;
+:meth:`TuneResult.save` writes on the main process only (``examples/tune_distributed.py``).
 """
 
 from __future__ import annotations
@@ -42,12 +54,15 @@ from safety_circuits._io import Record, atomic_folder
 from safety_circuits._memory import PeakMemory
 from safety_circuits.activations import check_prompts, hidden_states, lm_head, logits_at
 from safety_circuits.detect import robust_safety_neurons
+from safety_circuits.distributed import _check_agreement, _described, collective_device, rank_and_world, shard
 from safety_circuits.evaluate import generate, stop_ids
 from safety_circuits.loading import load_model
 from safety_circuits.neurons import NeuronSet, ParamSlice, check_neurons, hf_slices
 from safety_circuits.stats import kl_divergence
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from safety_circuits.loading import Subject
 
 logger = logging.getLogger(__name__)
@@ -327,6 +342,8 @@ class TuneResult:
     config: TuneConfig
     losses: list[float]
     record: dict[str, Any] = field(default_factory=dict)
+    #: The ``accelerate.Accelerator`` of a data-parallel run (its main process saves), else ``None``.
+    accelerator: Accelerator | None = field(default=None, repr=False, compare=False)
 
     def to_frame(self) -> pd.DataFrame:
         """The training loss per step."""
@@ -341,7 +358,28 @@ class TuneResult:
     def save(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
         """A standard HF folder (``save_pretrained`` + tokenizer, loadable with plain transformers)
         plus ``neurons.safetensors`` (what was tuned) and ``tuning.json`` (config, losses, record).
-        Written to a temp folder and renamed, so an interrupted save leaves nothing behind."""
+        Written to a temp folder and renamed, so an interrupted save leaves nothing behind.
+
+        After a data-parallel run every process calls it and only the main process writes (every
+        process holds the same model); the others wait for it and raise if it failed."""
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return self._write(folder, overwrite)
+        from accelerate.utils import broadcast_object_list
+
+        failure: list[str | None] = [None]
+        if self.accelerator.is_main_process:
+            try:
+                self._write(folder, overwrite)
+            except Exception as e:
+                failure = [f"{type(e).__name__}: {e}"]
+                broadcast_object_list(failure, from_process=0)
+                raise
+        broadcast_object_list(failure, from_process=0)
+        if failure[0] is not None:
+            raise RuntimeError(f"the main process could not save the tuned model to {folder}: {failure[0]}")
+        return Path(folder)
+
+    def _write(self, folder: str | os.PathLike, overwrite: bool) -> Path:
         with atomic_folder(folder, overwrite=overwrite) as tmp:
             self.subject.hf.save_pretrained(tmp)
             self.subject.tokenizer.save_pretrained(tmp)
@@ -361,6 +399,7 @@ def tune(
     inplace: bool = False,
     progress: bool = True,
     reference: Sequence[Tensor | None] | None = None,
+    accelerator: Accelerator | None = None,
     **overrides: Any,
 ) -> TuneResult:
     """Train ``subject``'s HF model on ``documents``: only ``neurons``' slices, or everything
@@ -372,7 +411,12 @@ def tune(
     documents (prompt included), which keeps the tuned model close to the original where it
     should not change. The LM head runs only where a loss needs it (:func:`logits_at`); the
     original model's hidden states on the retain documents come from one pass before training
-    (:func:`reference_states`, or ``reference`` when given)."""
+    (:func:`reference_states`, or ``reference`` when given).
+
+    With an ``accelerator`` over several processes (every one calling ``tune`` with the same
+    arguments), each takes its share of every batch and the gradients are summed over them: every
+    process takes the one-process steps and returns the same model (module docstring)."""
+    parallel = _data_parallel(accelerator, subject, documents, neurons, config, inplace, reference, overrides)
     config = TuneConfig.resolve(config, **overrides)
     if config.mechanism != "full":
         if neurons is None:
@@ -399,6 +443,11 @@ def tune(
     torch.manual_seed(config.seed)
     order_rng = random.Random(config.seed)
     pad = subject.tokenizer.pad_token_id
+    # tokens each document adds to the cross-entropy and to the KL: a share's sums over those of the batch
+    counts = [
+        (sum(label != -100 for label in labels[1:]), (len(ids) - 1) * bool(config.retain_kl and keep))
+        for (ids, labels), keep in zip(encoded, retain.tolist(), strict=True)
+    ]
     losses: list[float] = []
     start = time.perf_counter()
     hf.train()
@@ -406,20 +455,39 @@ def tune(
         # fused: one pass over each tensor (0.09 s a step for SmolLM2's 135M weights, 0.43 s unfused)
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0, fused=True)
         steps = config.epochs * -(-len(encoded) // config.batch_size)
-        bar = tqdm(total=steps, desc=f"tuning ({config.mechanism})", disable=not progress, leave=False)
+        rank = 0 if parallel is None else parallel.process_index
+        show = progress and rank == 0
+        bar = tqdm(total=steps, desc=f"tuning ({config.mechanism})", disable=not show, leave=False)
         for _ in range(config.epochs):
             for batch in _length_buckets([len(ids) for ids, _ in encoded], config.batch_size, order_rng):
-                input_ids, mask, labels = _right_pad([encoded[i] for i in batch], pad, hf.device)
-                rows = retain[batch].to(mask.device)
-                ref = None
-                if config.retain_kl and rows.any():
-                    with torch.no_grad():
-                        ref = lm_head(subject.hf, torch.cat([reference[i][:-1] for i in batch if retain[i]]))
-                loss = tuning_loss(
-                    hf, input_ids, mask, labels, rows, retain_kl=config.retain_kl, reference=ref
-                )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                mine, total = batch, None
+                if parallel is not None:  # this process's rows; the losses are sums over the batch's counts
+                    mine = [batch[i] for i in shard(batch, rank=rank, world_size=parallel.num_processes)]
+                    total = (sum(counts[i][0] for i in batch), sum(counts[i][1] for i in batch))
+                loss = torch.zeros((), device=hf.device)
+                if mine:
+                    input_ids, mask, labels = _right_pad([encoded[i] for i in mine], pad, hf.device)
+                    rows = retain[mine].to(mask.device)
+                    ref = None
+                    if config.retain_kl and rows.any():
+                        with torch.no_grad():
+                            ref = lm_head(
+                                subject.hf, torch.cat([reference[i][:-1] for i in mine if retain[i]])
+                            )
+                    loss = tuning_loss(
+                        hf,
+                        input_ids,
+                        mask,
+                        labels,
+                        rows,
+                        retain_kl=config.retain_kl,
+                        reference=ref,
+                        counts=total,
+                    )
+                    loss.backward()
+                if parallel is not None:
+                    loss = _summed(parallel, loss, trainable)
                 optimizer.step()
                 losses.append(loss.item())
                 bar.update()
@@ -446,6 +514,7 @@ def tune(
         "documents": counts,
         "tokens": sum(len(ids) for ids, _ in encoded),
         "steps": len(losses),
+        "processes": 1 if parallel is None else parallel.num_processes,
         "seconds": seconds,
         "peak_memory_mb": round(memory.extra_mb, 1),
         "neurons": None if neurons is None else len(neurons),
@@ -455,7 +524,52 @@ def tune(
         else sum(p.numel() for p in hf.parameters()),
     }
     logger.info("tuned %s in %.1f s, final loss %.3f", subject.name, seconds, losses[-1])
-    return TuneResult(tuned, neurons if config.mechanism != "full" else None, config, losses, record)
+    trained = neurons if config.mechanism != "full" else None
+    return TuneResult(tuned, trained, config, losses, record, accelerator=parallel)
+
+
+def _data_parallel(
+    accelerator: Accelerator | None,
+    subject: Subject,
+    documents: Any,
+    neurons: Any,
+    config: Any,
+    inplace: bool,
+    reference: Any,
+    overrides: dict[str, Any],
+) -> Accelerator | None:
+    """``accelerator`` when it spans several processes (``None`` otherwise), after every process
+    checked that all of them tune the same weights with the same arguments."""
+    if accelerator is not None and accelerator.num_processes == 1 and rank_and_world()[1] > 1:
+        raise ValueError(
+            f"the accelerator spans one process but torch.distributed has {rank_and_world()[1]}: "
+            "on the CPU make it with Accelerator(cpu=True)"
+        )
+    if accelerator is None or accelerator.num_processes == 1:
+        return None
+    kind = str(accelerator.distributed_type).rpartition(".")[2]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ValueError(f"tune is data-parallel only (DDP); {kind} is not supported")
+    hf = subject.hf
+    weights = [str(hf.dtype), [float(p.detach().sum(dtype=torch.float64)) for p in hf.parameters()]]
+    checked = {
+        "documents": _described(documents),
+        "options": [repr(config), overrides, inplace, reference is None],
+        "neurons": list(neurons) if isinstance(neurons, NeuronSet) else repr(neurons),
+        "model (architecture and weights)": [subject.arch.fingerprint(), weights],
+    }
+    _check_agreement(checked, caller="tune", group=None, device=collective_device())
+    return accelerator
+
+
+def _summed(accelerator: Accelerator, loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """The loss, and in place the gradients of ``params``, summed over the processes (zeros where
+    a process has none)."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    total, *summed = accelerator.reduce([loss.detach(), *grads], reduction="sum")
+    for p, grad in zip(params, summed, strict=True):
+        p.grad = grad
+    return total
 
 
 def _length_buckets(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -501,19 +615,27 @@ def tuning_loss(
     *,
     retain_kl: float = 0.0,
     reference: Float[Tensor, "n v"] | None = None,
+    counts: tuple[int, int] | None = None,
 ) -> Tensor:
     """Mean cross-entropy of ``model`` on the response tokens, plus ``retain_kl`` times the mean
     KL(reference || model) of the next-token distributions at every token of the ``retain`` rows
-    (``reference``: the original model's logits there, in row-major order)."""
+    (``reference``: the original model's logits there, in row-major order). With ``counts``, the
+    numbers of response and retain tokens of a whole batch of which these rows are one process's
+    share, the sums are divided by those instead: the shares' losses add up to the batch's."""
     predicts = labels[:, 1:] != -100  # positions whose next token is a response token
     kl_at = mask[:, 1:].bool() & retain[:, None] if retain_kl else torch.zeros_like(predicts)
     where = predicts | kl_at
     logits = logits_at(model, input_ids, mask, where)
-    loss = nn.functional.cross_entropy(logits[predicts[where]].float(), labels[:, 1:][predicts])
+    reduction = "mean" if counts is None else "sum"
+    ce = nn.functional.cross_entropy(
+        logits[predicts[where]].float(), labels[:, 1:][predicts], reduction=reduction
+    )
+    loss = ce if counts is None else ce / counts[0]
     if kl_at.any():
         if reference is None or len(reference) != int(kl_at.sum()):
             raise ValueError("retain_kl needs the reference logits at every token of the retain rows")
-        loss = loss + retain_kl * kl_divergence(reference, logits[kl_at[where]])
+        kl = kl_divergence(reference, logits[kl_at[where]])
+        loss = loss + retain_kl * (kl if counts is None else kl * (int(kl_at.sum()) / counts[1]))
     return loss
 
 
