@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml $(LOCK) $(DATA_LOCK)
 $(TL4_STAMP): pyproject.toml $(TL4_LOCK) $(DATA_LOCK)
 	$(call locked_venv,$(TL4_VENV),$(TL4_LOCK))
 
-.PHONY: install lock test-latest demo evaluate test test-tl4 lint format docs docs-serve bench-forward bench-importance bench-tuning bench-patching bench-generation
+.PHONY: install lock test-latest demo evaluate test test-tl4 lint format docs docs-serve bench-forward bench-importance bench-tuning bench-patching bench-generation bench-memory
 install: $(STAMP)
 
 # Re-resolve the newest releases that pyproject.toml's ranges allow, and pin them with hashes.
@@ -119,3 +119,7 @@ bench-patching: $(STAMP)
 
 bench-generation: $(STAMP)
 	$(PY) benchmarks/bench_generation.py
+
+# The memory model of docs/scale.md against measured peaks (SmolLM2 and the tiny models).
+bench-memory: $(STAMP)
+	$(PY) benchmarks/bench_memory.py

@@ -21,6 +21,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch
 import torch.distributed as dist
 
 import safety_circuits as sc
@@ -40,12 +41,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="the first N HarmBench val behaviours only")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--quantile", type=float, default=0.98)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--out", default="runs/detect_distributed")
     args = parser.parse_args()
     device = init_from_env()
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
     world_size = rank_and_world()[1]
-    subject = sc.load_model(args.model, device=device)
+    subject = sc.load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
     prompts = sc.harmbench("val")[: args.limit]
     start = time.perf_counter()
     importance = neuron_importance_distributed(

@@ -102,8 +102,20 @@ def _build_hooked(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     from transformer_lens import HookedTransformer
 
     cfg = hooked_config(hf_model.config, max_ctx=max_ctx, dtype=hf_model.dtype)
-    cfg.device = str(hf_model.device)
-    model = HookedTransformer(cfg)
+    gpus = sorted({d.index or 0 for d in _devices(hf_model) if d.type == "cuda"})
+    cfg.device = str(input_device(hf_model))
+    cfg.n_devices = max(1, len(gpus))
+    if cfg.n_devices > 1:
+        if gpus != list(range(gpus[0], gpus[0] + len(gpus))) or input_device(hf_model).index != gpus[0]:
+            raise ValueError(
+                f"the hooked backend splits layers over consecutive GPUs starting at the input device; "
+                f"this model is on cuda:{gpus} with its embedding on {input_device(hf_model)}: use a "
+                "device_map over consecutive GPUs (e.g. 'auto' with CUDA_VISIBLE_DEVICES) or backend='bridge'"
+            )
+        cfg.device = f"cuda:{gpus[0]}"
+    model = HookedTransformer(cfg, move_to_device=cfg.n_devices == 1)
+    if cfg.n_devices > 1:
+        _place_blocks(model)
     with torch.no_grad():
         converted = family_for(hf_model.config).convert_weights(hf_model, cfg)
         state_dict = {k: v.detach().clone() for k, v in converted.items()}
@@ -119,6 +131,26 @@ def _build_hooked(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     model.tokenizer = tokenizer
     model.eval()
     return model
+
+
+def _place_blocks(model: Any) -> None:
+    """Put block ``i`` of a multi-GPU ``HookedTransformer`` on the GPU its forward pass sends the
+    residual stream to (``get_device_for_block_index``: consecutive layers per GPU), the embedding
+    on the first block's GPU, the final norm and unembedding on the last one's. (TransformerLens
+    3.9's own ``move_model_modules_to_device`` puts every module on the GPU with the most free
+    memory at the time, which need not be the GPU the residual stream is sent to.)"""
+    from transformer_lens.utilities.multi_gpu import get_device_for_block_index
+
+    first = get_device_for_block_index(0, model.cfg)
+    last = get_device_for_block_index(model.cfg.n_layers - 1, model.cfg)
+    for name in ("embed", "hook_embed", "pos_embed", "hook_pos_embed"):
+        if hasattr(model, name):
+            getattr(model, name).to(first)
+    for i, block in enumerate(model.blocks):
+        block.to(get_device_for_block_index(i, model.cfg))
+    for name in ("ln_final", "unembed"):
+        if hasattr(model, name):
+            getattr(model, name).to(last)
 
 
 def _transpose_storage(model: Any) -> None:
@@ -149,11 +181,13 @@ def _build_bridge(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
     # The bridge wraps the modules it is given and switches them to eager attention:
     # give it its own copy so the Subject's HF model stays the plain, tunable one.
     bridge_hf = copy.deepcopy(hf_model)
+    # A model spread over several devices keeps its placement (the bridge reads it from the
+    # modules: cfg.device is the embedding's device, cfg.n_devices the number of devices).
     bridge = TransformerBridge.boot_transformers(
         bridge_hf.config.name_or_path or "local",
         hf_model=bridge_hf,
         tokenizer=tokenizer,
-        device=str(hf_model.device),
+        device=str(input_device(hf_model)),
         dtype=hf_model.dtype,
     )
     bridge.enable_compatibility_mode(no_processing=True)
@@ -196,7 +230,9 @@ class Subject:
 
     @property
     def device(self) -> torch.device:
-        return self.hf.device
+        """Where inputs go: the device of the HF model's token embedding (with a ``device_map``,
+        the first shard's device)."""
+        return input_device(self.hf)
 
     def chat(self, prompt: str, system: str | None = None) -> str:
         """Render one user turn with the tokenizer's chat template (plain text without one)."""
@@ -210,6 +246,92 @@ class Subject:
     def sync_tl(self) -> None:
         """Rebuild the TransformerLens model from the (possibly tuned) HF weights at its next use."""
         self._tl = None
+
+
+def _devices(model: torch.nn.Module) -> set[torch.device]:
+    return {p.device for p in model.parameters()}
+
+
+def _indexed(device: str | torch.device) -> torch.device:
+    """``device`` with its index (``cuda`` is ``cuda:0``)."""
+    device = torch.device(device)
+    return torch.device(device.type, 0) if device.type == "cuda" and device.index is None else device
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """The device of ``model``'s token embedding, where its input ids must be."""
+    embeddings = model.get_input_embeddings()
+    return embeddings.weight.device if embeddings is not None else model.device
+
+
+def placed(model: PreTrainedModel) -> bool:
+    """Whether accelerate dispatched ``model`` over several devices (it has an ``hf_device_map``)."""
+    return bool(getattr(model, "hf_device_map", None))
+
+
+#: The strategies ``from_pretrained(device_map=...)`` accepts by name.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = str | dict[str, int | str | torch.device]
+
+
+def _check_target(value: Any, where: str) -> None:
+    """A device a ``device_map`` may name: the CPU or an existing GPU (not disk or meta offload)."""
+    if value in ("disk", "meta"):
+        raise ValueError(
+            f"device_map{where}={value!r}: offloading to disk or meta is not supported (TransformerLens "
+            "needs every weight in memory); give the model more GPUs or a max_memory that fits"
+        )
+    try:
+        device = torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device_map{where}={value!r} is not a device: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device_map{where}={value!r} names a GPU, but CUDA is not available here")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device_map{where}={value!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"device_map{where}={value!r}: only 'cpu' and CUDA devices are supported")
+
+
+def check_device_map(device_map: Any) -> DeviceMap:
+    """``device_map`` if ``from_pretrained`` can place the model with it and both backends can run
+    the result: a strategy name (``"auto"``, ``"balanced"``, ...), one device, or a dict from
+    module names to devices, all on GPUs or all on the CPU; a clear error for anything else."""
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            _check_target(device_map, "")
+        return device_map
+    if not isinstance(device_map, dict) or not device_map:
+        raise ValueError(
+            f"device_map must be one of {DEVICE_MAP_STRATEGIES}, a device, or a non-empty dict from "
+            f"module names to devices, got {device_map!r}"
+        )
+    for name, value in device_map.items():
+        if not isinstance(name, str):
+            raise ValueError(f"device_map keys are module names (str), got {name!r}")
+        _check_target(value, f"[{name!r}]")
+    kinds = {"cuda" if isinstance(v, int) else torch.device(v).type for v in device_map.values()}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"device_map mixes the CPU and GPUs ({device_map}), which accelerate runs as CPU offload: "
+            "put every module on GPUs, or everything on the CPU"
+        )
+    return device_map
+
+
+def _check_placement(hf: PreTrainedModel, device_map: Any) -> None:
+    """After loading with ``device_map``: every weight in memory, on GPUs only or on the CPU only."""
+    devices = _devices(hf)
+    kinds = {d.type for d in devices}
+    if "meta" in kinds or len(kinds) > 1:
+        raise ValueError(
+            f"device_map={device_map!r} left weights on {sorted(map(str, devices))}: the model does not "
+            "fit on the GPUs, so accelerate offloaded part of it, which TransformerLens cannot run; use "
+            "more or larger GPUs, or a smaller dtype"
+        )
 
 
 def _build_tl(hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, backend: str, max_ctx: int):
@@ -289,9 +411,17 @@ def check_source(source: str) -> str:
     return resolved
 
 
-def _load_hf(source: str, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_hf(
+    source: str, dtype: torch.dtype, device: str | None, device_map: DeviceMap | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     source = check_source(source)
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    if device_map is None:
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    else:  # accelerate places the shards: moving the model afterwards would undo that
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
+        _check_placement(hf, device_map)
+        devices = sorted(map(str, _devices(hf)))
+        logger.info("loaded %s with device_map=%r over %s", source, device_map, devices)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return hf, tokenizer
 
@@ -304,6 +434,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_ctx: int = DEFAULT_MAX_CTX,
+    device_map: DeviceMap | None = None,
 ) -> Subject:
     """Load ``source`` as a :class:`Subject` with a TransformerLens model on raw weights.
 
@@ -313,10 +444,20 @@ def load_model(
         backend: ``"hooked"`` (``HookedTransformer``, TransformerLens 3.x only) or ``"bridge"``
             (``TransformerBridge`` in compatibility mode); ``None`` takes :data:`DEFAULT_BACKEND`
             (``hooked`` on 3.x, ``bridge`` on 4.x). Both expose the same hook names.
-        device: defaults to CUDA when available, else CPU.
-        dtype: weight dtype of both models.
+        device: defaults to CUDA when available, else CPU. Not with ``device_map``.
+        dtype: weight dtype of both models (``torch.bfloat16`` or ``torch.float16`` halve the memory).
         tokenizer: required when ``source`` is a model in memory.
         max_ctx: longest sequence the hooked backend allocates masks for.
+        device_map: shard the HF model over the available devices with accelerate, as
+            ``from_pretrained(device_map=...)`` does (``"auto"``, ``"balanced"``, ``"sequential"``,
+            a device, or a dict from module names to devices); only for a name or folder (an HF
+            model in memory keeps the placement it has: one with an ``hf_device_map`` is never
+            moved). Every weight must be in memory, on GPUs only or on the CPU only (no disk, meta
+            or CPU offload). The hooked backend then splits its layers over the same number of
+            consecutive GPUs (TransformerLens' ``n_devices``), the bridge keeps the HF placement,
+            and :attr:`Subject.device` is the embedding's device, where inputs go. Tested on the
+            CPU only (``"auto"`` and ``{"": "cpu"}`` there equal an unsharded load); the multi-GPU
+            path follows TransformerLens' and accelerate's documented behaviour but is untested.
 
     Example (a tiny random model in memory; a hub id or a folder loads the same way):
 
@@ -329,15 +470,35 @@ def load_model(
     True
     """
     backend = check_backend(backend)
-    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    asked = device
+    if device_map is not None:
+        if device is not None:
+            raise ValueError("pass device or device_map, not both")
+        if isinstance(source, PreTrainedModel):
+            raise ValueError(
+                "device_map applies when load_model reads the weights; place a model in memory yourself "
+                "(AutoModelForCausalLM.from_pretrained(..., device_map=...)) and pass it without device_map"
+            )
+        device_map = check_device_map(device_map)
+    else:
+        device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with an HF model in memory")
         family_for(source.config)
-        hf = source.to(device=device, dtype=dtype)
+        if placed(source):  # sharded by accelerate: keep its placement, change only the dtype
+            here = {str(input_device(source)), str(source.device)}
+            if asked is not None and str(_indexed(asked)) not in here:
+                raise ValueError(
+                    f"the model is placed by its hf_device_map (inputs on {input_device(source)}); "
+                    f"it is not moved to device={str(asked)!r}: pass device=None"
+                )
+            hf = source if source.dtype == dtype else source.to(dtype=dtype)
+        else:
+            hf = source.to(device=device, dtype=dtype)
         name = source.config.name_or_path or type(source).__name__
     elif isinstance(source, (str, os.PathLike)):
-        hf, loaded_tokenizer = _load_hf(str(source), dtype, device)
+        hf, loaded_tokenizer = _load_hf(str(source), dtype, device, device_map)
         tokenizer = tokenizer or loaded_tokenizer
         name = str(source)
     else:

@@ -15,6 +15,8 @@ from safety_circuits.loading import (
 )
 from safety_circuits.testing import tiny_config, tiny_hf
 
+BACKENDS = loading.AVAILABLE_BACKENDS
+
 
 def test_logits_equal_hf(subject, tokenizer):
     """Acceptance 1: both backends give the HF model's logits within 1e-4 (fp32)."""
@@ -152,3 +154,61 @@ def test_tl_is_built_on_first_use_only(tokenizer):
 
 def test_tiny_configs_use_gqa():
     assert tiny_config("llama", 10).num_key_value_heads < tiny_config("llama", 10).num_attention_heads
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("llama")
+    tiny_hf("llama", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device_map", ["auto", {"": "cpu"}])
+def test_device_map_equals_unsharded_load(llama_folder, backend, device_map):
+    """``device_map`` loads through accelerate without moving the model afterwards; on this CPU-only
+    machine every shard lands on the CPU, and the result equals the plain load (bf16, both backends)."""
+    plain = load_model(llama_folder, backend=backend, device="cpu", dtype=torch.bfloat16)
+    sharded = load_model(llama_folder, backend=backend, device_map=device_map, dtype=torch.bfloat16)
+    assert sharded.device == torch.device("cpu") and sharded.hf.dtype == torch.bfloat16
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        assert torch.equal(sharded.hf(ids).logits, plain.hf(ids).logits)
+        assert torch.equal(sharded.tl(ids), plain.tl(ids))
+    assert sharded.tl.cfg.device in ("cpu", torch.device("cpu"))
+
+
+def test_invalid_device_map_is_a_clear_error(llama_folder, tokenizer):
+    bad = [
+        ("banana", "is not a device"),
+        ("disk", "offloading to disk"),
+        (("cpu",), "device_map must be one of"),
+        ({"": "cuda:99"}, r"device_map\[''\]='cuda:99'"),
+        ({"model": "cpu", "lm_head": "meta"}, "offloading"),
+    ]
+    for device_map, message in bad:
+        with pytest.raises(ValueError, match=message):
+            load_model(llama_folder, device_map=device_map)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load_model(llama_folder, device_map={"model": 0, "lm_head": 0})
+    with pytest.raises(ValueError, match="not both"):
+        load_model(llama_folder, device="cpu", device_map="auto")
+    with pytest.raises(ValueError, match="place a model in memory yourself"):
+        load_model(tiny_hf("llama", len(tokenizer)), tokenizer=tokenizer, device_map="auto")
+
+
+def test_placed_model_in_memory_is_not_moved(tokenizer):
+    """An HF model that accelerate dispatched (it has an ``hf_device_map``) keeps its placement."""
+    hf = tiny_hf("llama", len(tokenizer))
+    hf.hf_device_map = {"": "cpu"}
+    moves = []
+    to = hf.to
+    hf.to = lambda *args, **kwargs: moves.append((args, kwargs)) or to(*args, **kwargs)
+    subject = load_model(hf, tokenizer=tokenizer)
+    assert subject.hf is hf and moves == [] and subject.device == torch.device("cpu")
+    load_model(hf, tokenizer=tokenizer, dtype=torch.bfloat16)
+    assert moves == [((), {"dtype": torch.bfloat16})]  # the dtype changes, the placement does not
+    with pytest.raises(ValueError, match="placed by its hf_device_map"):
+        load_model(hf, tokenizer=tokenizer, device="cuda:1")

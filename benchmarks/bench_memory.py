@@ -1,0 +1,208 @@
+"""The memory model of docs/scale.md against measured peaks, on SmolLM2-135M-Instruct and tiny models.
+
+Run: ``make bench-memory`` (``python benchmarks/bench_memory.py``). Each job runs in a fresh process
+with ``MALLOC_MMAP_THRESHOLD_=131072`` (every large tensor mapped and unmapped on its own, so
+resident memory follows the tensors alive; see benchmarks/bench_patching.py) and prints the
+peak resident memory it measured (``PeakMemory``, sampled every 5 ms), the peak the formulas of
+``safety_circuits._memory`` predict, and their ratio:
+
+- ``load``: ``load_model`` then building the hooked TransformerLens model, above the process
+  after imports (predicted: three copies of the weights at the peak);
+- ``importance``: ``neuron_importance`` (all kinds) of 8 HarmBench prompts, batch 4, above the
+  loaded Subject;
+- ``tune delta|mask|full``: one epoch of SN-Tune on 32 refusal documents, batch 8, for a random
+  0.66% of neurons: the record's ``peak_memory_mb`` (above the Subject and the copy trained);
+- ``patching``: two Subjects loaded and built, then dynamic patching of 8 prompts, 32 new tokens,
+  above the process after imports;
+- ``saved (tiny ...)``: the bytes autograd saves for the backward pass of one tuning step, counted
+  exactly with saved-tensor hooks, on the tiny Llama, Qwen2 and Mistral models and SmolLM2,
+  against ``Shape.saved_per_token``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from safety_circuits import data, load_model
+from safety_circuits._memory import (
+    PeakMemory,
+    Shape,
+    importance_extra,
+    load_peak,
+    patching_extra,
+    predicted_saved,
+    saved_bytes,
+    subject_bytes,
+    tune_extra,
+)
+from safety_circuits.activations import batches, shared_prefix_length
+from safety_circuits.neurons import NeuronSet, hf_slices
+from safety_circuits.tuning import _length_buckets, _merged_slices, encode_documents, refusal_documents
+
+MiB = 2**20
+JOBS = ("load", "importance", "tune delta", "tune mask", "tune full", "patching")
+
+
+def random_neurons(arch, fraction: float) -> NeuronSet:
+    g = torch.Generator().manual_seed(0)
+    masks = {k: torch.rand(m.shape, generator=g) < fraction for k, m in NeuronSet.full(arch).masks().items()}
+    return NeuronSet.from_masks(arch, masks)
+
+
+def largest_step(subject, docs, mechanism: str, shape: Shape, batch_size: int = 8) -> tuple[int, int]:
+    """Tokens and response tokens of the tuning batch whose saved activations are the largest."""
+    encoded = encode_documents(subject, docs)
+    best = (0, 0, 0)
+    lengths = [len(ids) for ids, _ in encoded]
+    for batch in _length_buckets(lengths, batch_size, random.Random(0)):
+        rows = [encoded[i] for i in batch]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), -1)
+        mask = torch.zeros_like(ids)
+        for r, (row, _) in enumerate(rows):
+            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+        n = shared_prefix_length(ids, mask)
+        tokens = n + len(rows) * (width - n)
+        response = sum(sum(label != -100 for label in labels[1:]) for _, labels in rows)
+        size = tokens * shape.saved_per_token(mechanism) * 4 + response * shape.d_vocab * 12
+        best = max(best, (size, tokens, response))
+    return best[1], best[2]
+
+
+def job(name: str, model: str) -> dict:
+    """One measurement; runs in its own process. Bytes, float32 weights."""
+    if name == "load":
+        with PeakMemory() as memory:
+            subject = load_model(model, device="cpu")
+            subject.tl  # noqa: B018 (built on first use)
+        shape = Shape.from_arch(subject.arch)
+        return {"measured": memory.peak - memory.start, "predicted": load_peak(shape, 4)}
+    subject = load_model(model, device="cpu")
+    shape = Shape.from_arch(subject.arch)
+    prompts = data.harmbench("val")
+    if name == "importance":
+        from safety_circuits.importance import neuron_importance
+
+        subject.tl  # noqa: B018
+        chosen = prompts[:8]
+        width = max(b.input_ids.shape[1] for b in batches(subject, chosen, batch_size=4))
+        with PeakMemory() as memory:
+            neuron_importance(subject, chosen, batch_size=4, progress=False)
+        return {
+            "measured": memory.peak - memory.start,
+            "predicted": importance_extra(shape, 4, batch=4, length=width),
+            "detail": f"batch 4 x {width} tokens",
+        }
+    if name.startswith("tune"):
+        from safety_circuits.tuning import tune
+
+        mechanism = name.split()[1]
+        neurons = random_neurons(subject.arch, 0.0066)
+        docs = refusal_documents(prompts[:32])
+        result = tune(subject, docs, neurons, mechanism=mechanism, progress=False)
+        if mechanism == "delta":
+            trained = result.record["trained_parameters"]
+        elif mechanism == "mask":
+            owned = _merged_slices(hf_slices(neurons))
+            trained = sum(subject.hf.get_parameter(p).numel() for p in owned)
+        else:
+            trained = shape.params
+        tokens, response = largest_step(subject, docs, mechanism, shape)
+        predicted = tune_extra(shape, 4, mechanism, tokens=tokens, response_tokens=response, trained=trained)
+        return {
+            "measured": result.record["peak_memory_mb"] * MiB,
+            "predicted": predicted,
+            "detail": f"{trained:,} trained, largest step {tokens} tokens ({response} with a loss)",
+        }
+    if name == "patching":
+        from safety_circuits.patching import dynamic_patching
+
+        del subject
+        neurons = None
+        with PeakMemory() as memory:
+            target, source = load_model(model, device="cpu"), load_model(model, device="cpu")
+            target.tl, source.tl  # noqa: B018
+            neurons = random_neurons(target.arch, 0.05)
+            chosen = prompts[:8]
+            width = max(b.input_ids.shape[1] for b in batches(target, chosen, batch_size=8))
+            dynamic_patching(target, source, chosen, neurons, max_new_tokens=32, batch_size=8, progress=False)
+        weights = subject_bytes(shape, 4)
+        extra = patching_extra(shape, 4, batch=8, length=width + 32)
+        return {
+            "measured": memory.peak - memory.start,
+            "predicted": max(weights + load_peak(shape, 4), 2 * weights + extra),
+            "detail": f"max(second TL build, 2 Subjects + KV caches and logits of 8 x {width + 32} tokens)",
+        }
+    raise ValueError(name)
+
+
+def saved(family: str, mechanism: str) -> dict:
+    """Bytes autograd saves in one tuning step of 8 documents, counted exactly, against the formula."""
+    from safety_circuits.testing import tiny_subject
+
+    subject = (
+        tiny_subject(family) if family != "smollm2" else load_model("smollm2-135m-instruct", device="cpu")
+    )
+    docs = refusal_documents(data.harmbench("val")[:8])
+    measured, tokens, response = saved_bytes(subject, docs, random_neurons(subject.arch, 0.05), mechanism)
+    shape = Shape.from_arch(subject.arch)
+    predicted = predicted_saved(shape, 4, mechanism, tokens=tokens, response_tokens=response)
+    return {
+        "measured": measured,
+        "predicted": predicted,
+        "detail": f"{tokens} tokens, {response} with a loss",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--jobs", nargs="*", default=list(JOBS), choices=JOBS)
+    parser.add_argument("--saved", nargs="*", default=["llama", "qwen2", "mistral", "smollm2"])
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    if args.one:
+        kind, _, rest = args.one.partition(":")
+        out = job(rest, args.model) if kind == "job" else saved(*rest.split(","))
+        print(json.dumps(out))
+        return
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    runs = [(f"{args.model}: {name}", f"job:{name}") for name in args.jobs]
+    for family in args.saved:
+        for mechanism in ("delta", "mask", "full"):
+            runs.append((f"saved ({family}, {mechanism})", f"saved:{family},{mechanism}"))
+    rows = []
+    print(f"{'job':44s} {'measured MiB':>13s} {'predicted MiB':>14s} {'pred/meas':>9s}  detail")
+    for label, one in runs:
+        cmd = [sys.executable, __file__, "--one", one, "--model", args.model]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode:
+            print(f"{label:44s} failed:\n{out.stderr[-2000:]}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        ratio = r["predicted"] / r["measured"]
+        rows.append({"job": label, **r, "ratio": ratio})
+        flag = "" if 0.8 <= ratio <= 1.2 else "  (outside 20%)"
+        print(
+            f"{label:44s} {r['measured'] / MiB:13.1f} {r['predicted'] / MiB:14.1f} {ratio:9.2f}  "
+            f"{r.get('detail', '')}{flag}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
