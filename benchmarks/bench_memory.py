@@ -34,8 +34,11 @@ import torch
 
 from safety_circuits import data, load_model
 from safety_circuits._memory import (
+    LLAMA3_8B,
+    LLAMA3_70B,
     PeakMemory,
     Shape,
+    gpus_needed,
     importance_extra,
     load_peak,
     patching_extra,
@@ -43,6 +46,7 @@ from safety_circuits._memory import (
     saved_bytes,
     subject_bytes,
     tune_extra,
+    weight_bytes,
 )
 from safety_circuits.activations import batches, shared_prefix_length
 from safety_circuits.neurons import NeuronSet, hf_slices
@@ -95,11 +99,12 @@ def job(name: str, model: str) -> dict:
         subject.tl  # noqa: B018
         chosen = prompts[:8]
         width = max(b.input_ids.shape[1] for b in batches(subject, chosen, batch_size=4))
+        neuron_importance(subject, chosen, batch_size=4, progress=False)  # compiles its q/k kernel
         with PeakMemory() as memory:
             neuron_importance(subject, chosen, batch_size=4, progress=False)
         return {
             "measured": memory.peak - memory.start,
-            "predicted": importance_extra(shape, 4, batch=4, length=width),
+            "predicted": importance_extra(shape, 4, batch=4, length=width, prompts=len(chosen)),
             "detail": f"batch 4 x {width} tokens",
         }
     if name.startswith("tune"):
@@ -163,6 +168,40 @@ def saved(family: str, mechanism: str) -> dict:
     }
 
 
+def llama3_table() -> None:
+    """docs/scale.md's Llama-3-8B / 70B rows from the formulas (bf16; GB = 1e9 bytes): importance at
+    batch 8 x 512 tokens, SN-Tune on 8 documents x 256 tokens with 64 response tokens each (``delta``:
+    1% of the neurons), dynamic patching of 8 x (512 + 256) tokens."""
+    b, gb = 2, 1e9
+    for shape in (LLAMA3_8B, LLAMA3_70B):
+        per_layer = {  # neurons of each kind in a layer, and the weights one of them owns
+            "q": (shape.n_heads * shape.d_head, shape.d_model),
+            "k": (shape.d_kv, shape.d_model),
+            "v": (shape.d_kv, shape.d_model),
+            "o": (shape.n_heads * shape.d_head, shape.d_model),
+            "ffn": (shape.d_mlp, 3 * shape.d_model),
+        }
+        trained = {
+            "delta": int(0.01 * shape.n_layers * sum(n * size for n, size in per_layer.values())),
+            "mask": shape.n_layers * (shape.layer_params - 2 * shape.d_model),
+            "full": shape.params,
+        }
+        importance = subject_bytes(shape, b) + importance_extra(shape, b, batch=8, length=512, prompts=0)
+        rows = {
+            "load (HF + tl; peak while tl builds)": load_peak(shape, b),
+            "importance (Subject with tl; scores in host memory)": importance,
+            "dynamic patching (2 Subjects with tl)": 2 * subject_bytes(shape, b)
+            + patching_extra(shape, b, batch=8, length=768),
+        }
+        for mechanism, n in trained.items():
+            extra = tune_extra(shape, b, mechanism, tokens=8 * 256, response_tokens=8 * 64, trained=n)
+            rows[f"SN-Tune {mechanism} (HF + the copy trained)"] = 2 * weight_bytes(shape, b) + extra
+        copy = weight_bytes(shape, b) / gb
+        print(f"{shape.name}: {shape.params / 1e9:.2f} B parameters, one bf16 copy {copy:.1f} GB")
+        for what, total in rows.items():
+            print(f"  {what:52s} {total / gb:7.1f} GB  {gpus_needed(total)} x 80 GB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,7 +211,11 @@ def main() -> None:
     parser.add_argument("--saved", nargs="*", default=["llama", "qwen2", "mistral", "smollm2"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--table", action="store_true", help="print the Llama-3-8B/70B table only")
     args = parser.parse_args()
+    if args.table:
+        llama3_table()
+        return
     if args.one:
         kind, _, rest = args.one.partition(":")
         out = job(rest, args.model) if kind == "job" else saved(*rest.split(","))

@@ -148,27 +148,36 @@ def subject_bytes(shape: Shape, dtype_bytes: int, *, tl: bool = True) -> int:
 
 
 def importance_extra(
-    shape: Shape, dtype_bytes: int, *, batch: int, length: int, chunk_bytes: int = 64 * 2**20
+    shape: Shape,
+    dtype_bytes: int,
+    *,
+    batch: int,
+    length: int,
+    prompts: int,
+    chunk_bytes: int = 64 * 2**20,
+    fused: bool = True,
 ) -> int:
     """Extra peak of :func:`~safety_circuits.importance.neuron_importance` above the loaded Subject.
 
-    It first stacks every layer's ``W_O`` (kept for the run) and ``W_out`` (freed once its row
-    norms are taken): TransformerLens' ``model.W_O`` / ``model.W_out`` copy the weights. Then, per
-    batch: the q/k pattern-change chunk (12 float32 temporaries of heads x rows x keys x dims, at
-    most ``chunk_bytes``), the stashed q and k of one layer, and one layer's forward activations
-    (residual, q/k/v, attention pattern in float32, MLP: about ``4 d + 2 d_kv + 3 d_mlp``).
+    The scores (float32, every neuron for each of the ``prompts``), and per batch and layer: the
+    stashed q and k, the q/k code's float32 copies of them per query head
+    (q, k, rotated, partner-permuted, the two Δ factors each, ρ: about 12 of
+    ``batch x length x n_heads x d_head``), its chunk (the fused kernel keeps only scores, pattern
+    and mask of heads x rows x keys; the eager code 12 float32 temporaries of heads x rows x keys x
+    dims, at most ``chunk_bytes``), and one layer's forward activations (residual, q/k/v, the
+    attention pattern in float32, the MLP: about ``4 d + 2 d_kv + 3 d_mlp`` per token).
     """
     from safety_circuits.importance import _TEMPORARIES, _chunks
 
-    heads, rows, dims = _chunks(shape.n_heads, length, shape.d_head, chunk_bytes)
-    chunk = _TEMPORARIES * 4 * heads * rows * length * dims
     tokens = batch * length
+    heads, rows, dims = _chunks(batch * shape.n_heads, length, shape.d_head, chunk_bytes, fused)
+    chunk = 4 * heads * rows * length * (3 if fused else _TEMPORARIES * dims)
     stash = tokens * (shape.n_heads + shape.n_kv_heads) * shape.d_head * dtype_bytes
+    copies = 12 * tokens * shape.n_heads * shape.d_head * 4
     layer = tokens * (4 * shape.d_model + 2 * shape.d_kv + 3 * shape.d_mlp) * dtype_bytes
     pattern = batch * shape.n_heads * length * length * 4
-    w_o = shape.n_layers * shape.n_heads * shape.d_head * shape.d_model * dtype_bytes
-    w_out = shape.n_layers * shape.d_mlp * shape.d_model * dtype_bytes
-    return w_o + max(w_out, chunk + stash + layer + pattern)
+    neurons = shape.n_layers * (2 * shape.n_heads * shape.d_head + 2 * shape.d_kv + shape.d_mlp)
+    return 4 * prompts * neurons + chunk + stash + copies + layer + pattern
 
 
 def tune_extra(
@@ -187,12 +196,15 @@ def tune_extra(
     deltas (``delta``), the whole parameters that own a neuron (``mask``), every parameter
     (``full``). AdamW keeps two states in the parameter's dtype; ``mask`` also keeps a bool mask
     per owned element. The LM head runs at the response positions only: logits, their
-    log-softmax and its gradient in float32.
+    log-softmax and its gradient in float32. The backward pass frees each layer's saved
+    activations as it writes that layer's gradients, so the two are never all alive at once: the
+    larger of them counts.
     """
-    state = trained * dtype_bytes * 3 + (trained if mechanism == "mask" else 0)
+    state = trained * dtype_bytes * 2 + (trained if mechanism == "mask" else 0)
     saved = tokens * shape.saved_per_token(mechanism) * dtype_bytes
+    grads = trained * dtype_bytes
     logits = response_tokens * shape.d_vocab * 4 * 3
-    return state + saved + logits
+    return state + max(saved, grads) + logits
 
 
 def patching_extra(shape: Shape, dtype_bytes: int, *, batch: int, length: int) -> int:
