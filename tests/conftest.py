@@ -55,6 +55,15 @@ def make_subject(tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory, tokenizer):
+    """A tiny Llama saved as an HF folder (model and tokenizer), for loaders and the CLI; read only."""
+    folder = tmp_path_factory.mktemp("llama")
+    tiny_hf("llama", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=[(f, b) for f in FAMILIES for b in BACKENDS], ids=lambda p: f"{p[0]}-{p[1]}")
 def subject(request, make_subject):
     return make_subject(*request.param)

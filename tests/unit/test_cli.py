@@ -14,7 +14,6 @@ from safety_circuits.cli import STAGES, build_parser, main
 from safety_circuits.crosssuite import TEST_HARMFUL
 from safety_circuits.neurons import NeuronSet, hf_masks
 from safety_circuits.pipeline import Run, RunConfig, documents
-from safety_circuits.testing import tiny_hf
 
 SMALL = [
     *"--train-harmful 4 --retain-tokens 4 --retain-generated 4 --capability 3".split(),
@@ -23,19 +22,11 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_hf("llama", len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_run_writes_every_stage(model_dir, tmp_path, capsys):
+def test_run_writes_every_stage(llama_folder, tmp_path, capsys):
     run = tmp_path / "runs" / "tiny"
-    assert main(["run", "--run", str(run), "--model", str(model_dir), *SMALL]) == 0
+    assert main(["run", "--run", str(run), "--model", str(llama_folder), *SMALL]) == 0
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == str(model_dir) and config["eval_per_suite"] == 2
+    assert config["model"] == str(llama_folder) and config["eval_per_suite"] == 2
     safety = NeuronSet.load(run / "neurons" / "safety.safetensors")
     assert len(safety) > 0 and (run / "neurons" / "safety.csv").exists()
     models = ["original", "sn_tune", "random_s0", "random_s1", "full"]
@@ -84,7 +75,7 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     assert (timings["seconds"] >= 0).all()
     # the tuned folder is a plain HF model that differs from the original only in the neurons' slices
     tuned = AutoModelForCausalLM.from_pretrained(run / "models" / "sn_tune")
-    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    original = AutoModelForCausalLM.from_pretrained(llama_folder)
     run_obj = Run(run)
     masks = hf_masks(run_obj.base, safety)
     for (name, a), (_, b) in zip(tuned.named_parameters(), original.named_parameters(), strict=True):
@@ -95,11 +86,11 @@ def test_run_writes_every_stage(model_dir, tmp_path, capsys):
     assert [p.name for p in run.parent.iterdir()] == ["tiny"], "no temp folders left behind"
 
 
-def test_stages_one_at_a_time_and_clear_errors(model_dir, tmp_path, capsys):
+def test_stages_one_at_a_time_and_clear_errors(llama_folder, tmp_path, capsys):
     run = tmp_path / "stages"
     assert main(["tune", "--run", str(run)]) == 2
     assert "run `safety-circuits detect` first" in capsys.readouterr().err
-    assert main(["detect", "--run", str(run), "--model", str(model_dir), *SMALL, "--no-controls"]) == 0
+    assert main(["detect", "--run", str(run), "--model", str(llama_folder), *SMALL, "--no-controls"]) == 0
     assert main(["ablate", "--run", str(run)]) == 2
     assert "run `safety-circuits tune` first" in capsys.readouterr().err
     assert main(["tune", "--run", str(run)]) == 0
@@ -201,9 +192,9 @@ def test_bad_option_value_and_verbose_traceback(tmp_path, capsys):
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("safety-circuits tune: error: ")
 
 
-def test_search_writes_a_recipe_that_run_applies(model_dir, tmp_path, capsys):
+def test_search_writes_a_recipe_that_run_applies(llama_folder, tmp_path, capsys):
     run = tmp_path / "search"
-    assert main(["detect", "--run", str(run), "--model", str(model_dir), *SMALL]) == 0
+    assert main(["detect", "--run", str(run), "--model", str(llama_folder), *SMALL]) == 0
     specificity = pd.read_csv(run / "neurons" / "specificity.csv")
     assert set(specificity["set"]) <= {"safety", "robust", "contrastive", "scored"} and len(specificity)
     assert main(["search", "--run", str(run), "--trials", "1", "--rules", "everything"]) == 2
@@ -230,16 +221,16 @@ def test_search_writes_a_recipe_that_run_applies(model_dir, tmp_path, capsys):
     assert main(["report", "--run", str(run)]) == 0
     assert "Recipe search (validation splits only)" in (run / "report.html").read_text()
     other = tmp_path / "applied"
-    args = ["detect", "--run", str(other), "--model", str(model_dir), *SMALL]
+    args = ["detect", "--run", str(other), "--model", str(llama_folder), *SMALL]
     assert main([*args, "--recipe", str(run / "results" / "recipe.json")]) == 0
     config = json.loads((other / "config.json").read_text())
     assert {k: config[k] for k in recipe} == recipe
 
 
-def test_documents_follow_the_config(model_dir, tmp_path):
+def test_documents_follow_the_config(llama_folder, tmp_path):
     run = Run(
         tmp_path / "docs",
-        RunConfig(model=str(model_dir), train_harmful=2, retain_alarming=3, retain_tokens=2),
+        RunConfig(model=str(llama_folder), train_harmful=2, retain_alarming=3, retain_tokens=2),
     )
     docs = documents(run)
     assert [d.prompt for d in docs if d.kind == "refusal"] == data.harmbench("val") + data.train_harmful(2)

@@ -156,14 +156,6 @@ def test_tiny_configs_use_gqa():
     assert tiny_config("llama", 10).num_key_value_heads < tiny_config("llama", 10).num_attention_heads
 
 
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("llama")
-    tiny_hf("llama", len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device_map", ["auto", {"": "cpu"}])
 def test_device_map_equals_unsharded_load(llama_folder, backend, device_map):
