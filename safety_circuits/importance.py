@@ -16,8 +16,11 @@ Here it is computed for all neurons at once, from one forward pass per batch:
   scores; for ``k``, over all query heads sharing the KV head. This equals the brute-force pattern
   change and approximates the output change (the paper's approximation).
 
-The ``l x l x d_head`` work of ``q``/``k`` is chunked over query rows and dimensions so that its
-extra memory stays under ``chunk_bytes`` whatever the prompt length.
+The ``l x l x d_head`` work of ``q``/``k`` (one ``exp`` per query, key and dimension) is chunked
+over prompts, heads, query rows and dimensions so that its extra memory stays under
+``chunk_bytes`` whatever the prompt length; for real models it runs as one ``torch.compile``-d
+pass (``fused``) that never holds those cells. On a CPU that arithmetic costs about as much as the
+forward pass's matmuls (``make bench-importance``: 2.3x a forward on SmolLM2).
 """
 
 from __future__ import annotations
