@@ -39,8 +39,8 @@ def test_progress_bars_are_on_by_default():
 #: statistics and plots keep their one natural positional argument.
 MODEL_MODULES = {
     "ablation", "activations", "circuit", "contrast", "crosssuite", "detect", "direction", "distributed",
-    "evaluate", "groundtruth", "importance", "loading", "monitor", "neurons", "patching", "probing", "sites",
-    "tracing", "tuning",
+    "evaluate", "groundtruth", "importance", "loading", "monitor", "multilingual", "neurons", "patching",
+    "probing", "sites", "tracing", "tuning",
 }  # fmt: skip
 #: Optional arguments that are data or neurons, so stay positional (model, data, neurons).
 POSITIONAL_OPTIONAL = {
