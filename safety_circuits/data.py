@@ -24,6 +24,12 @@ the past- and future-tense rephrasings of harmful requests (both from the ``gara
 as data), and the unsafe contrast prompts of the alarming set. Harmless suites: the harmless
 eval half, and the project's safe prompts that look alarming (``_data/alarming.json``: 270 in
 10 categories, after XSTest's idea, written here; 122 unsafe prompts mirror some of them).
+
+**Translations** (:func:`translated`, :func:`translated_suite`, :data:`LANGUAGES`): the project's
+own translations of HarmBench val (detection), the harmless train and eval splits, and 80 of
+HarmBench's held-out test behaviours, into French, German, Spanish, Italian, Chinese and
+Vietnamese, every prompt under its source id (``_data/translations/``, whose README says how they
+were written and checked). ``"en"`` gives the English originals of the same ids.
 """
 
 from __future__ import annotations
@@ -577,3 +583,96 @@ def suite(name: str) -> Suite:
     """One held-out evaluation suite by name (see :data:`SUITE_NAMES`)."""
     found = _suite(name)
     return Suite(found.name, found.kind, found.description, found.frame.copy())
+
+
+TranslatedSet = Literal["harmbench", "harmless"]
+#: The languages of the translated prompts (ISO 639-1), English (the originals) first.
+LANGUAGES: dict[str, str] = {
+    "en": "English",
+    "fr": "French",
+    "de": "German",
+    "es": "Spanish",
+    "it": "Italian",
+    "zh": "Chinese",
+    "vi": "Vietnamese",
+}
+_TRANSLATED_SPLITS: dict[str, tuple[str, ...]] = {"harmbench": ("val", "test"), "harmless": ("train", "eval")}
+
+
+@cache
+def _translation_index() -> pd.DataFrame:
+    """The translated prompts' ids with their set, split and category (``_data/translations``)."""
+    return pd.DataFrame(list(_project_rows("translations/index.json", "prompts")))
+
+
+@cache
+def _english_texts() -> dict[str, str]:
+    """The English source of every translated id: HarmBench behaviours by ``BehaviorID`` and the
+    harmless instructions by ``id``."""
+    texts = dict(zip(harmless_frame()["id"], harmless_frame()["text"], strict=True))
+    for split in ("val", "test"):
+        frame = harmbench_frame(split)
+        texts.update(zip(frame["BehaviorID"], frame["Behavior"], strict=True))
+    return texts
+
+
+def _check_language(lang: str) -> None:
+    if lang not in LANGUAGES:
+        raise ValueError(f"unknown language {lang!r}; the translated languages are {list(LANGUAGES)}")
+
+
+def translated_frame(lang: str) -> pd.DataFrame:
+    """Every translated prompt in ``lang``: id (the source's), set, split, category, text, and
+    ``english``, the source text. Rows are in the same order in every language."""
+    _check_language(lang)
+    frame = _translation_index().copy()
+    english = _english_texts()
+    frame["english"] = frame["id"].map(english)
+    if lang == "en":
+        frame["text"] = frame["english"]
+    else:
+        rows = _project_rows(f"translations/{lang}.json", "prompts")
+        ids = [row["id"] for row in rows]
+        if ids != frame["id"].tolist():
+            raise ValueError(f"translations/{lang}.json does not list the index's ids in its order")
+        frame["text"] = [row["text"] for row in rows]
+    return frame
+
+
+def translated(lang: str, dataset: TranslatedSet = "harmbench", split: str = "val") -> list[str]:
+    """Prompts of one set and split in ``lang`` (:data:`LANGUAGES`): ``harmbench`` ``"val"`` (the
+    41 detection behaviours) or ``"test"`` (80 held-out behaviours), ``harmless`` ``"train"`` or
+    ``"eval"``, each in the order of its English loader (:func:`harmbench`, :func:`harmless`),
+    so the same index is the same prompt in every language.
+
+    >>> translated("en", "harmless", "train")[1]
+    'Draft a thank-you note to a coworker who covered my shift last weekend.'
+    >>> translated("fr", "harmless", "train")[1]
+    'Rédige un mot de remerciement pour un collègue qui a assuré mon service le week-end dernier.'
+    """
+    if dataset not in _TRANSLATED_SPLITS:
+        raise ValueError(f"dataset must be one of {list(_TRANSLATED_SPLITS)}, got {dataset!r}")
+    if split not in _TRANSLATED_SPLITS[dataset]:
+        raise ValueError(f"the {dataset} set's splits are {list(_TRANSLATED_SPLITS[dataset])}, got {split!r}")
+    frame = translated_frame(lang)
+    return frame[(frame["set"] == dataset) & (frame["split"] == split)]["text"].tolist()
+
+
+def translated_suite(lang: str, dataset: TranslatedSet) -> Suite:
+    """A held-out suite in ``lang``: ``harmbench`` (the 80 translated test behaviours, a test
+    split only) or ``harmless`` (the eval half, cut into validation and test like the English
+    ``harmless`` suite). Named ``"<dataset>_<lang>"``."""
+    frame = translated_frame(lang)
+    if dataset == "harmbench":
+        rows = frame[(frame["set"] == "harmbench") & (frame["split"] == "test")].assign(split="test")
+    elif dataset == "harmless":
+        rows = frame[(frame["set"] == "harmless") & (frame["split"] == "eval")]
+        rows = rows.assign(split=rows["id"].map(_half))
+    else:
+        raise ValueError(f"dataset must be one of {list(_TRANSLATED_SPLITS)}, got {dataset!r}")
+    kind: SuiteKind = "harmful" if dataset == "harmbench" else "harmless"
+    description = f"{LANGUAGES[lang]}: " + (
+        "80 HarmBench test behaviours" if dataset == "harmbench" else "the harmless eval half"
+    )
+    table = rows[["text", "category", "split"]].rename(columns={"category": "group"})
+    return Suite(f"{dataset}_{lang}", kind, description, table.reset_index(drop=True))

@@ -155,8 +155,11 @@ def _fused_change_sq(
         return None
     if "fn" not in _COMPILED:
         _COMPILED["fn"] = torch.compile(_change_sq, dynamic=True)
+    # contiguous inputs: guards on sizes only, not on the strides of views (which recompiled the
+    # kernel for every new prompt length until dynamo's limit of 8, then ran it eagerly)
+    args = [t.contiguous() for t in (scores, pattern, *factors, weights)]
     try:
-        return _COMPILED["fn"](scores, pattern, factors, weights)
+        return _COMPILED["fn"](args[0], args[1], tuple(args[2:-1]), args[-1])
     except Exception as e:  # any compiler failure: the same code, eagerly
         logger.warning("torch.compile of the q/k importance failed, computing it eagerly: %s", e)
         _COMPILED["failed"] = True

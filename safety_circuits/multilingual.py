@@ -2,9 +2,11 @@
 
 The same rule finds safety neurons in each language's harmful prompts (:func:`language_neurons`).
 :func:`language_overlap` compares every pair of languages by intersection over union
-(``|A ∩ B| / |A ∪ B|``) and by the overlap coefficient (``|A ∩ B| / min(|A|, |B|)``), over all
-neurons, per kind and per band of layers; :func:`shared_neurons` keeps the neurons that every
-language has.
+(``|A ∩ B| / |A ∪ B|``), by the overlap coefficient (``|A ∩ B| / min(|A|, |B|)``) and by the
+paper's share ``|A ∩ B| / |B|``, over all neurons, per kind and per band of layers;
+:func:`shared_neurons` keeps the neurons that every language has. :func:`language_suites` are
+the translated held-out suites (:func:`safety_circuits.data.translated`) a tuned model is
+evaluated on in every language, and :func:`rates_by_language` their rates.
 """
 
 from __future__ import annotations
@@ -21,26 +23,74 @@ import plotly.graph_objects as go
 
 from safety_circuits._io import TableResult
 from safety_circuits.architecture import Architecture
-from safety_circuits.detect import find_safety_neurons
+from safety_circuits.data import LANGUAGES, Suite, sample, translated_suite
+from safety_circuits.detect import (
+    DEFAULT_QUANTILE,
+    contrastive_neurons,
+    robust_safety_neurons,
+    scored_neurons,
+    select_neurons,
+)
+from safety_circuits.importance import neuron_importance
 from safety_circuits.neurons import KINDS, ArchitectureMismatchError, NeuronSet, check_neurons
 
 if TYPE_CHECKING:
+    from safety_circuits.evaluate import SuiteEval
     from safety_circuits.loading import Subject
 
-OverlapMetric = Literal["iou", "overlap_coefficient"]
+OverlapMetric = Literal["iou", "overlap_coefficient", "share_of_b"]
+OVERLAP_METRICS: tuple[str, ...] = ("iou", "overlap_coefficient", "share_of_b")
+LanguageRule = Literal["safety", "robust", "contrastive", "scored"]
+LANGUAGE_RULES: tuple[str, ...] = ("safety", "robust", "contrastive", "scored")
 ALL = "all"  # the ``kind`` and ``band`` of the rows over every kind / every layer
 
 
 def language_neurons(
-    subject: Subject, prompts: Mapping[str, Sequence[str]], **options: Any
+    subject: Subject,
+    harmful: Mapping[str, Sequence[str]],
+    *,
+    rule: LanguageRule = "safety",
+    harmless: Mapping[str, Sequence[str]] | None = None,
+    quantile: float = DEFAULT_QUANTILE,
+    seed: int = 0,
+    **importance_kwargs: Any,
 ) -> dict[str, NeuronSet]:
-    """Safety neurons of each language: :func:`~safety_circuits.detect.find_safety_neurons` on its
-    harmful prompts (``prompts``: language -> prompts), every language with the same ``options``."""
-    _check_languages(prompts, "prompts")
-    return {
-        lang: find_safety_neurons(subject, texts, **options).with_metadata(f"safety ({lang})", language=lang)
-        for lang, texts in prompts.items()
-    }
+    """Safety neurons of each language (``harmful``: language -> its harmful prompts), found by one
+    ``rule`` the same way in every language (the rules of :mod:`safety_circuits.pipeline`):
+
+    - ``"safety"``: important for every harmful prompt (Eq. 3, the quantile rule);
+    - ``"robust"``: those minus the foundation neurons of the language's ``harmless`` prompts as
+      plain text (Sec. 4);
+    - ``"contrastive"`` / ``"scored"``: against as many of the language's ``harmless`` prompts
+      (drawn by ``seed``), rendered as chat turns like the harmful ones
+      (:func:`~safety_circuits.detect.contrastive_neurons`,
+      :func:`~safety_circuits.detect.scored_neurons`).
+
+    ``harmless`` (language -> prompts, the same languages) is needed by every rule but
+    ``"safety"``; ``importance_kwargs`` go to every :func:`~safety_circuits.importance.neuron_importance`.
+    """
+    _check_languages(harmful, "prompts")
+    if rule not in LANGUAGE_RULES:
+        raise ValueError(f"rule must be one of {LANGUAGE_RULES}, got {rule!r}")
+    if rule != "safety" and (harmless is None or set(harmless) != set(harmful)):
+        raise ValueError(f"the {rule!r} rule needs harmless prompts in every language of the harmful ones")
+    sets = {}
+    for lang, prompts in harmful.items():
+        importance = neuron_importance(subject, prompts, **importance_kwargs)
+        if rule == "safety":
+            found = select_neurons(importance, quantile=quantile)
+        elif rule == "robust":
+            general = neuron_importance(subject, harmless[lang], chat=False, **importance_kwargs)
+            found = robust_safety_neurons(
+                select_neurons(importance, quantile=quantile), select_neurons(general, quantile=quantile)
+            )
+        else:
+            matched = sample(harmless[lang], len(prompts), seed=seed)
+            reference = neuron_importance(subject, matched, **importance_kwargs)
+            contrast = contrastive_neurons if rule == "contrastive" else scored_neurons
+            found = contrast(importance, reference, quantile=quantile)
+        sets[lang] = found.with_metadata(f"{rule} ({lang})", language=lang, rule=rule, source=subject.name)
+    return sets
 
 
 def layer_bands(n_layers: int, bands: int) -> dict[str, range]:
@@ -54,8 +104,9 @@ def layer_bands(n_layers: int, bands: int) -> dict[str, range]:
 @dataclass
 class LanguageOverlap(TableResult):
     """One row per ordered pair of languages, ``kind`` (a kind or ``"all"``) and ``band`` of layers
-    (or ``"all"``): the sizes of both sets there, their intersection and union, ``iou`` and
-    ``overlap_coefficient`` (NaN where a set, or both, is empty)."""
+    (or ``"all"``): the sizes of both sets there, their intersection and union, ``iou``,
+    ``overlap_coefficient`` and ``share_of_b`` (``|A ∩ B| / |B|``, the paper's asymmetric
+    ``overlap(a, b)`` of Fig. 5); NaN where a denominator is 0."""
 
     frame: pd.DataFrame
     languages: list[str]
@@ -63,8 +114,8 @@ class LanguageOverlap(TableResult):
 
     def matrix(self, metric: OverlapMetric = "iou", *, kind: str = ALL, band: str = ALL) -> pd.DataFrame:
         """The ``languages x languages`` matrix of ``metric`` for one kind and band."""
-        if metric not in ("iou", "overlap_coefficient"):
-            raise ValueError(f"metric must be 'iou' or 'overlap_coefficient', got {metric!r}")
+        if metric not in OVERLAP_METRICS:
+            raise ValueError(f"metric must be one of {OVERLAP_METRICS}, got {metric!r}")
         rows = self.frame[(self.frame["kind"] == kind) & (self.frame["band"] == band)]
         if rows.empty:
             kinds, bands = sorted(set(self.frame["kind"])), list(dict.fromkeys(self.frame["band"]))
@@ -120,6 +171,7 @@ def language_overlap(sets: Mapping[str, NeuronSet], *, bands: int = 3) -> Langua
                             "overlap_coefficient": inter / min(size_a, size_b)
                             if min(size_a, size_b)
                             else float("nan"),
+                            "share_of_b": inter / size_b if size_b else float("nan"),
                         }
                     )
     return LanguageOverlap(pd.DataFrame(rows), languages, arch)
@@ -132,6 +184,27 @@ def shared_neurons(sets: Mapping[str, NeuronSet]) -> NeuronSet:
     for ns in sets.values():
         shared = ns if shared is None else shared & ns
     return shared.with_metadata("shared by all languages", languages=list(sets))
+
+
+def language_suites(languages: Sequence[str]) -> list[Suite]:
+    """The translated held-out suites of each language: HarmBench test behaviours (ASR) and the
+    harmless eval half (over-refusal), ``harmbench_<lang>`` and ``harmless_<lang>``
+    (:func:`~safety_circuits.data.translated_suite`); give them to
+    :func:`~safety_circuits.evaluate.evaluate_suites`."""
+    if isinstance(languages, str) or not languages:
+        raise ValueError("languages must be a non-empty list of language codes")
+    return [translated_suite(lang, dataset) for lang in languages for dataset in ("harmbench", "harmless")]
+
+
+def rates_by_language(result: SuiteEval) -> pd.DataFrame:
+    """The rates of :func:`language_suites` in ``result``, one row per model, language and metric
+    (``asr``, ``over_refusal``): rate, its Wilson 95% interval, k and n."""
+    rates = result.rates()
+    parts = rates["suite"].str.rsplit("_", n=1, expand=True)
+    if parts.shape[1] != 2 or not parts[1].isin(list(LANGUAGES)).all():
+        raise ValueError(f"not the suites of language_suites: {sorted(set(rates['suite']))}")
+    rates = rates.assign(language=parts[1]).drop(columns="suite")
+    return rates[["model", "language", "metric", "rate", "lo", "hi", "k", "n"]]
 
 
 def _check_languages(mapping: Mapping[str, Any], what: str) -> None:

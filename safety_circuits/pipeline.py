@@ -33,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from safety_circuits import ablation, data, plots
+from safety_circuits import ablation, data, multilingual, plots
 from safety_circuits._io import Record, atomic_file
 from safety_circuits.contrast import contrast_activations
 from safety_circuits.crosssuite import (
@@ -112,6 +112,7 @@ class RunConfig(Record):
     variant: str = (
         "safety"  # another rule tuned with the same recipe (models/sn_tune_<variant>); "" or rule: none
     )
+    languages: str = ""  # e.g. "fr,de,zh": the rule's neurons in English and each (data.LANGUAGES)
     # documents
     train_harmful: int = 60  # AdvBench train prompts, on top of every HarmBench val prompt
     retain_tokens: int = 32
@@ -151,10 +152,21 @@ class RunConfig(Record):
             raise ValueError(f"variant must be one of {TUNABLE} or empty, got {self.variant!r}")
         if self.judge not in JUDGES:
             raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
+        unknown = set(self.language_list) - set(data.LANGUAGES)
+        if unknown:
+            raise ValueError(
+                f"languages {sorted(unknown)} are not translated; choose from {list(data.LANGUAGES)}"
+            )
         if not 0 < self.quantile < 1:
             raise ValueError(f"quantile must be in (0, 1), got {self.quantile}")
         if self.control_seeds < 1 or self.eval_per_suite < 0 or self.detector_per_suite < 0:
             raise ValueError("control_seeds must be >= 1, eval_per_suite and detector_per_suite >= 0")
+
+    @property
+    def language_list(self) -> list[str]:
+        """English and the ``languages`` given (none: an empty list)."""
+        given = [lang.strip() for lang in self.languages.split(",") if lang.strip()]
+        return list(dict.fromkeys(["en", *given])) if given else []
 
     def with_recipe(self, recipe: Recipe) -> RunConfig:
         """This config with a searched recipe's settings (:mod:`safety_circuits.search`)."""
@@ -282,7 +294,36 @@ def detect(run: Run) -> dict[str, NeuronSet]:
     )
     _write_csv(run.path("neurons", "specificity.csv"), specificity)
     logger.info("safety neurons: %d (%.2f%%) in %.0f s", len(safety), 100 * safety.fraction_of(), seconds)
+    if cfg.language_list:
+        sets.update(languages(run, english=sets[cfg.rule]))
     return sets
+
+
+def languages(run: Run, *, english: NeuronSet) -> dict[str, NeuronSet]:
+    """The ``rule``'s neurons in every language of ``languages`` (translated HarmBench val against
+    the translated harmless train prompts; ``english``: the run's own set, found the same way),
+    the set shared by all, and their overlap (``results/language_overlap.json``, ``.csv``)."""
+    cfg = run.config
+    others = [lang for lang in cfg.language_list if lang != "en"]
+    found = multilingual.language_neurons(
+        run.base,
+        {lang: data.translated(lang, "harmbench", "val") for lang in others},
+        rule=cfg.rule,
+        harmless={lang: data.translated(lang, "harmless", "train") for lang in others},
+        quantile=cfg.quantile,
+        seed=cfg.seed,
+        batch_size=8,
+        scope=cfg.scope,
+    )
+    sets = {"en": english.with_metadata(f"{cfg.rule} (en)", language="en"), **found}
+    sets["shared"] = multilingual.shared_neurons(sets)
+    for name, neurons in sets.items():
+        neurons.save(run.path("neurons", "languages", f"{name}.safetensors"))
+        _write_csv(run.path("neurons", "languages", f"{name}.csv"), neurons.to_frame())
+    overlap = multilingual.language_overlap({lang: sets[lang] for lang in cfg.language_list})
+    overlap.save(run.path("results", "language_overlap.json"))
+    _write_csv(run.path("results", "language_overlap.csv"), overlap.to_frame())
+    return {f"{cfg.rule}_{name}": neurons for name, neurons in sets.items()}
 
 
 def documents(run: Run) -> list[Document]:

@@ -247,3 +247,36 @@ def test_variant_models_are_listed_after_sn_tune(tmp_path):
     assert run.tuned_models() == ["sn_tune", "sn_tune_safety", "random_s0", "random_s1", "full"]
     with pytest.raises(ValueError, match="variant must be one of"):
         RunConfig(variant="everything")
+
+
+def test_detect_languages(llama_folder, tmp_path, capsys):
+    """``detect --languages``: the rule's neurons per language (English is the run's own set, found
+    again by the multilingual code path), the shared set and the overlap table."""
+    from safety_circuits.multilingual import LanguageOverlap, language_neurons
+
+    run = tmp_path / "languages"
+    argv = ["detect", "--run", str(run), "--model", str(llama_folder), *SMALL, "--rule", "contrastive"]
+    assert main([*argv, "--languages", "fr, zh"]) == 0
+    folder = run / "neurons" / "languages"
+    sets = {name: NeuronSet.load(folder / f"{name}.safetensors") for name in ("en", "fr", "zh", "shared")}
+    assert sets["en"] == NeuronSet.load(run / "neurons" / "contrastive.safetensors")
+    assert sets["shared"] == sets["en"] & sets["fr"] & sets["zh"]
+    assert sets["fr"].metadata["language"] == "fr" and sets["fr"] != sets["en"]
+    opened = Run(run)
+    again = language_neurons(
+        opened.base,
+        {"en": data.translated("en", "harmbench", "val")},
+        rule="contrastive",
+        harmless={"en": data.translated("en", "harmless", "train")},
+        quantile=0.9,
+        batch_size=8,
+    )
+    assert again["en"] == sets["en"]
+    overlap = LanguageOverlap.load(run / "results" / "language_overlap.json")
+    assert overlap.languages == ["en", "fr", "zh"]
+    assert overlap.matrix("share_of_b").loc["en", "fr"] == pytest.approx(
+        len(sets["en"] & sets["fr"]) / len(sets["fr"])
+    )
+    capsys.readouterr()
+    line = _one_error_line(capsys, ["detect", "--run", str(tmp_path / "bad"), "--languages", "fr,xx"])
+    assert "languages ['xx'] are not translated" in line

