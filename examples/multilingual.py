@@ -37,6 +37,7 @@ import pandas as pd
 
 from safety_circuits import data, multilingual
 from safety_circuits.evaluate import SuiteEval, evaluate_suites
+from safety_circuits.judge import translated_judge_table
 from safety_circuits.neurons import NeuronSet
 from safety_circuits.pipeline import EVAL_BATCH, Run, RunConfig, documents
 from safety_circuits.report import Block, write_report
@@ -143,17 +144,27 @@ def cross_lingual(run: Run, models: dict, n: int | None) -> list[Block]:
     table = cells.pivot_table(
         index="language", columns=["metric", "model"], values="cell", aggfunc="first", sort=False
     )
-    comparisons = pd.concat([result.compare(name, "original") for name in models if name != "original"])
+    pairs = [(name, "original") for name in models if name != "original"]
+    pairs += [(name, name.replace("_shared", "_en")) for name in models if name.endswith("_shared")]
+    comparisons = pd.concat([result.compare(a, b) for a, b in pairs if b in models])
     comparisons.to_csv(run.path("results", "cross_lingual_comparisons.csv"), index=False)
     frame = result.to_frame()
     spot = frame[frame["model"] != "original"].groupby(["model", "suite"]).head(2)
+    refusals = frame[frame["refused"] & ~frame["suite"].str.endswith("_en")].groupby("model")["response"]
+    in_english = refusals.apply(lambda r: r.str.match(r"^[\x00-\x7f]*$").mean()).rename("ascii_share")
     return [
         f"Rates on the test splits (ASR: {n or 80} translated HarmBench test behaviours a language; "
         "over-refusal: the harmless eval half's test split), Wilson 95% intervals, judge "
         f"{cfg.judge!r} with every language's refusal phrases; greedy, {cfg.max_new_tokens} new tokens.",
         table,
-        "Each tuned model minus the original on the same prompts (paired bootstrap 95% interval, McNemar):",
+        "Each tuned model minus the original, and each shared-set model minus its English-set model, "
+        "on the same prompts (paired bootstrap 95% interval, McNemar):",
         comparisons,
+        "Share of each model's refusals to non-English prompts written in ASCII (English):",
+        in_english.to_frame(),
+        "The phrase judge on 180 labelled responses to the translated prompts "
+        "(judge.translated_judge_table):",
+        translated_judge_table(),
         "Responses of the tuned models (two per suite), to spot-check the judge:",
         spot[["model", "suite", "prompt", "response", "refused"]],
     ]

@@ -23,6 +23,12 @@ helpful alternatives ("I can't help with X. If your goal is Y, here are safe opt
 which the phrase judge catches, and calls some short answers refusals. Check :func:`judge_table`
 before trusting either judge; a change made for PyRIT's errors needs a new held-out set.
 
+On responses to the translated prompts (:func:`translated_refusal_labels`: 180 responses of
+SmolLM2 and SN-Tuned copies, 30 a language, labelled by the project's reviewer, a language-model
+agent, not by people) the phrase judge, which has each language's phrases
+(:data:`~safety_circuits.evaluate.REFUSAL_PATTERNS`), is checked by :func:`translated_judge_table`;
+the classifier, fitted on English, calls most short non-English text a refusal there.
+
 :func:`agreement` compares two judges on the same responses (raw rate and Cohen's kappa), and
 :func:`first_token_refusal_score` is a cheap continuous proxy read off one forward pass: the
 log-odds that the first response token opens a refusal (:data:`REFUSAL_OPENERS`).
@@ -57,7 +63,7 @@ from sklearn.model_selection import GroupKFold
 
 from safety_circuits._io import load_tensors, save_tensors
 from safety_circuits.activations import check_prompts
-from safety_circuits.data import _required_file
+from safety_circuits.data import _project_rows, _required_file
 from safety_circuits.evaluate import _APOSTROPHES, is_refusal
 from safety_circuits.tracing import DEFAULT_REFUSAL_STARTS, first_token_ids, last_token_logits
 
@@ -147,6 +153,15 @@ def pyrit_refusal_labels() -> pd.DataFrame:
     """PyRIT's refusal-scorer evaluation set: 105 responses with human labels, as
     ``prompt`` (PyRIT's objective), ``response``, ``refused``, ``source``. Held out: test only."""
     return _pyrit_frame().copy()
+
+
+def translated_refusal_labels() -> pd.DataFrame:
+    """180 responses to the translated prompts (:func:`safety_circuits.data.translated`), 30 a
+    language, labelled refusal or not by the project's reviewer (a language-model agent that saw
+    the prompt and response only): ``language, model, suite, prompt, response, drawn_as, refused,
+    unsure, note``. Half of each language was drawn from the responses the phrase judge called
+    refusals (``drawn_as``), half from the others (``_data/translations/refusal_labels.json``)."""
+    return pd.DataFrame(list(_project_rows("translations/refusal_labels.json", "responses")))
 
 
 # -- the classifier ------------------------------------------------------------------------------
@@ -503,6 +518,32 @@ def judge_table() -> pd.DataFrame:
         }
         for name in JUDGES
     ]
+    return pd.DataFrame(rows)
+
+
+def translated_judge_table(judge: str = DEFAULT_JUDGE) -> pd.DataFrame:
+    """``judge`` against :func:`translated_refusal_labels`, per language and over all: the share
+    of its refusals that are refusals (``refusal_precision``) and of its answers that are answers
+    (``answer_precision``), each with its Wilson 95% interval, raw agreement and Cohen's kappa.
+    The sample was drawn half from each verdict of the phrase judge, so for that judge the two
+    precisions estimate those over all responses, and its accuracy there is not estimated."""
+    from safety_circuits.stats import Rate
+
+    labels = translated_refusal_labels()
+    labels["judged"] = refused(labels["response"].tolist(), judge)
+    rows = []
+    for language, part in [*labels.groupby("language", sort=False), ("all", labels)]:
+        judged, truth = part["judged"].to_numpy(bool), part["refused"].to_numpy(bool)
+        row: dict[str, Any] = {"language": language, "judge": judge}
+        for name, verdict in (("refusal", True), ("answer", False)):
+            mine = truth[judged == verdict] == verdict
+            rate = Rate.of(mine) if len(mine) else None  # NaN: the judge never gave this verdict
+            row |= {
+                f"{name}_precision": rate.rate if rate else math.nan,
+                f"{name}_lo": rate.lo if rate else math.nan,
+                f"{name}_hi": rate.hi if rate else math.nan,
+            }
+        rows.append(row | agreement(judged, truth))
     return pd.DataFrame(rows)
 
 

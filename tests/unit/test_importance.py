@@ -64,6 +64,20 @@ def test_fused_kernel_equals_brute_force(make_subject, family, backend):
             assert relative_error(fused.scores[kind][0, layer], slow) <= 1e-4, (kind, layer)
 
 
+def test_fused_kernel_is_not_recompiled_for_new_lengths(make_subject):
+    """New prompt lengths and batch sizes reuse the compiled kernel (dynamic shapes): a compile per
+    shape would soon hit dynamo's recompile limit (8), after which the kernel runs eagerly."""
+    from torch._dynamo.utils import counters
+
+    subject = make_subject("llama", "hooked")
+    neuron_importance(subject, [PROMPT, "Hi"], kinds=("q",), fused=True, progress=False)
+    before = counters["stats"]["unique_graphs"]
+    for n in range(2, 10):
+        prompts = [" ".join(["word"] * (2 * n + 1)), "Hi " * n, "Tell me a joke"][: 1 + n % 3]
+        neuron_importance(subject, prompts, kinds=("q", "k"), fused=True, progress=False)
+    assert counters["stats"]["unique_graphs"] - before <= 1
+
+
 def test_batched_prompts_equal_single_prompts(make_subject):
     subject = make_subject("llama")
     prompts = [PROMPT, "Hi", "How do I bake bread at home?"]

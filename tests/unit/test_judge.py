@@ -258,3 +258,19 @@ def test_first_token_refusal_score(make_subject):
     p = logp[refusal_token_ids(subject.tokenizer)].exp().sum()
     assert scores[1] == pytest.approx(float(torch.log(p / (1 - p))), abs=1e-4)
     assert first_token_refusal_score(subject, prompts[1:2])[0] == pytest.approx(scores[1], abs=1e-4)
+
+
+def test_translated_labels_and_their_table():
+    """The labelled responses to the translated prompts: 30 a language, half drawn from each
+    verdict of the phrase judge, which still gives those verdicts (a change to the phrases must
+    re-measure the README's table); the table against a direct count."""
+    labels = judge.translated_refusal_labels()
+    assert (labels.groupby(["language", "drawn_as"]).size() == 15).all() and labels["language"].nunique() == 6
+    judged = judge.refused(labels["response"].tolist(), "phrases")
+    assert judged == (labels["drawn_as"] == "refused").tolist()
+    table = judge.translated_judge_table().set_index("language")
+    for language, part in [*labels.groupby("language"), ("all", labels)]:
+        drawn_refused = part[part["drawn_as"] == "refused"]
+        assert table.loc[language, "refusal_precision"] == drawn_refused["refused"].mean()
+        assert table.loc[language, "agreement"] == ((part["drawn_as"] == "refused") == part["refused"]).mean()
+        assert table.loc[language, "refusal_lo"] <= table.loc[language, "refusal_precision"]
