@@ -607,6 +607,17 @@ def report(run: Run) -> Path:
                 specificity,
             ]
         sections.append(("Neuron sets", blocks))
+    if run.path("results", "language_overlap.json").exists():
+        overlap = multilingual.LanguageOverlap.load(run.path("results", "language_overlap.json"))
+        sizes = overlap.frame.query("a == b and kind == 'all' and band == 'all'")[["a", "size_a"]]
+        blocks = [
+            f"The {cfg.rule!r} rule in each language (the project's translations of HarmBench val, "
+            "against the translated harmless train prompts); neurons per language:",
+            sizes.rename(columns={"a": "language", "size_a": "neurons"}),
+            overlap.plot("iou"),
+            overlap.plot("share_of_b"),
+        ]
+        sections.append(("Safety neurons per language (SN-Tune Fig. 5)", blocks))
     search = _read(run, "search.csv")
     if search is not None and len(search):
         result = SearchResult(search)

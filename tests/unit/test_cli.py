@@ -277,6 +277,8 @@ def test_detect_languages(llama_folder, tmp_path, capsys):
     assert overlap.matrix("share_of_b").loc["en", "fr"] == pytest.approx(
         len(sets["en"] & sets["fr"]) / len(sets["fr"])
     )
+    assert main(["report", "--run", str(run)]) == 0
+    assert "Safety neurons per language" in (run / "report.html").read_text()
     capsys.readouterr()
     line = _one_error_line(capsys, ["detect", "--run", str(tmp_path / "bad"), "--languages", "fr,xx"])
     assert "languages ['xx'] are not translated" in line

@@ -64,12 +64,13 @@ def test_fused_kernel_equals_brute_force(make_subject, family, backend):
             assert relative_error(fused.scores[kind][0, layer], slow) <= 1e-4, (kind, layer)
 
 
-def test_fused_kernel_is_not_recompiled_for_new_lengths(make_subject):
+@pytest.mark.parametrize("backend", ["hooked"])  # the kernel is the same on either backend
+def test_fused_kernel_is_not_recompiled_for_new_lengths(make_subject, backend):
     """New prompt lengths and batch sizes reuse the compiled kernel (dynamic shapes): a compile per
     shape would soon hit dynamo's recompile limit (8), after which the kernel runs eagerly."""
     from torch._dynamo.utils import counters
 
-    subject = make_subject("llama", "hooked")
+    subject = make_subject("llama", backend)
     neuron_importance(subject, [PROMPT, "Hi"], kinds=("q",), fused=True, progress=False)
     before = counters["stats"]["unique_graphs"]
     for n in range(2, 10):
