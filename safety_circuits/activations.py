@@ -158,12 +158,14 @@ def prefix_cache(
 
 
 def hidden_states(
-    model: nn.Module, input_ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"]
+    model: nn.Module, input_ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"], *, share_prefix: bool = True
 ) -> Float[Tensor, "b p d"]:
     """The HF model's final hidden states for right-padded rows. The tokens all rows start with
     (the chat template's system turn) run once, their key-value cache shared by every row;
-    gradients flow through it. Equal to ``model.base_model(input_ids, attention_mask=mask)``."""
-    n = shared_prefix_length(input_ids, mask)
+    gradients flow through it. Equal to ``model.base_model(input_ids, attention_mask=mask)``.
+    Without ``share_prefix``, one pass of the whole rows, whatever the batch (a sharded model's
+    processes must call its layers the same number of times)."""
+    n = shared_prefix_length(input_ids, mask) if share_prefix else 0
     if not n or not bool(mask[:, :n].all()):
         return model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
     first, cache = prefix_cache(model, input_ids[0, :n], len(input_ids))
@@ -180,12 +182,19 @@ def lm_head(model: nn.Module, hidden: Float[Tensor, "... d"]) -> Float[Tensor, "
 
 
 def logits_at(
-    model: nn.Module, input_ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"], where: Bool[Tensor, "b q"]
+    model: nn.Module,
+    input_ids: Int[Tensor, "b p"],
+    mask: Int[Tensor, "b p"],
+    where: Bool[Tensor, "b q"],
+    *,
+    share_prefix: bool = True,
 ) -> Float[Tensor, "n v"]:
     """The HF model's next-token logits at the positions ``where`` (``q`` ≤ ``p`` leading
     positions), in row-major order, for right-padded rows: the LM head (a fifth of SmolLM2's
-    compute) runs only there. Equal to ``model(input_ids, attention_mask=mask).logits[:, :q][where]``."""
-    return lm_head(model, hidden_states(model, input_ids, mask)[:, : where.shape[1]][where])
+    compute) runs only there. Equal to ``model(input_ids, attention_mask=mask).logits[:, :q][where]``
+    (``share_prefix``: :func:`hidden_states`)."""
+    hidden = hidden_states(model, input_ids, mask, share_prefix=share_prefix)
+    return lm_head(model, hidden[:, : where.shape[1]][where])
 
 
 def batches(
