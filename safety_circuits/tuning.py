@@ -35,9 +35,10 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,6 +49,7 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from safety_circuits._io import Record, atomic_folder
@@ -239,7 +241,8 @@ class _SliceDelta(nn.Module):
             param = getattr(module, name)
             shape = list(param.shape)
             shape[axis] = len(index)
-            self.deltas[name] = nn.Parameter(param.new_zeros(shape))
+            # a plain tensor even where the weight is sharded (a DTensor): each process holds every delta
+            self.deltas[name] = nn.Parameter(torch.zeros(shape, dtype=param.dtype, device=param.device))
             self.register_buffer(f"index_{name}", index.to(param.device))
             self.axes[name] = axis
 
@@ -268,9 +271,16 @@ class _SliceDelta(nn.Module):
 
 @contextmanager
 def _trainable(
-    model: nn.Module, slices: dict[str, tuple[int, Tensor]], mechanism: Mechanism
+    model: nn.Module,
+    slices: dict[str, tuple[int, Tensor]],
+    mechanism: Mechanism,
+    merge_into: Callable[[], nn.Module] | None = None,
 ) -> Iterator[list]:
-    """Set up what trains for ``mechanism``; yield the optimizer's parameters; merge/undo on exit."""
+    """Set up what trains for ``mechanism``; yield the optimizer's parameters; merge/undo on exit.
+
+    The deltas merge into ``model``, or into the model ``merge_into`` returns on exit (the full
+    copy of a sharded model). A sharded parameter (FSDP's DTensor) gets no gradient hook: FSDP
+    writes its gradient after the reduce-scatter, outside autograd; :func:`_sharded_masks` masks it."""
     params = dict(model.named_parameters())
     saved = {n: p.requires_grad for n, p in params.items()}
     handles, deltas = [], []
@@ -282,8 +292,9 @@ def _trainable(
         elif mechanism == "mask":
             for name, (axis, index) in slices.items():
                 p = params[name].requires_grad_(True)
-                mask = torch.zeros_like(p, dtype=torch.bool).index_fill_(axis, index.to(p.device), True)
-                handles.append(p.register_hook(lambda g, m=mask: g * m))
+                if not isinstance(p, DTensor):
+                    mask = torch.zeros_like(p, dtype=torch.bool).index_fill_(axis, index.to(p.device), True)
+                    handles.append(p.register_hook(lambda g, m=mask: g * m))
             yield [params[name] for name in slices]
         else:
             by_module: dict[str, dict[str, tuple[int, Tensor]]] = {}
@@ -297,8 +308,9 @@ def _trainable(
                 handles.append(module.register_forward_hook(lambda m, args, y, d=delta: d(args[0], y)))
                 deltas.append((module, delta))
             yield [p for _, d in deltas for p in d.parameters()]
-            for module, delta in deltas:
-                delta.merge_into(module)
+            target = dict(merge_into().named_modules()) if merge_into is not None else modules
+            for module_name, (_, delta) in zip(by_module, deltas, strict=True):
+                delta.merge_into(target[module_name])
     finally:
         for h in handles:
             h.remove()
@@ -400,6 +412,7 @@ def tune(
     progress: bool = True,
     reference: Sequence[Tensor | None] | None = None,
     accelerator: Accelerator | None = None,
+    fsdp: bool | None = None,
     **overrides: Any,
 ) -> TuneResult:
     """Train ``subject``'s HF model on ``documents``: only ``neurons``' slices, or everything
@@ -415,8 +428,17 @@ def tune(
 
     With an ``accelerator`` over several processes (every one calling ``tune`` with the same
     arguments), each takes its share of every batch and the gradients are summed over them: every
-    process takes the one-process steps and returns the same model (module docstring)."""
-    parallel = _data_parallel(accelerator, subject, documents, neurons, config, inplace, reference, overrides)
+    process takes the one-process steps and returns the same model (module docstring). With
+    ``fsdp`` (the default where the accelerator has an FSDP plugin; give ``fsdp=True`` on the CPU,
+    where accelerate drops the plugin) the copy that trains is sharded over the processes with
+    torch's FSDP2 (``fully_shard``, one unit per decoder layer and one for the rest), for every
+    mechanism; each process still returns the whole tuned model."""
+    parallel = _data_parallel(
+        accelerator, subject, documents, neurons, config, inplace, reference, overrides, fsdp
+    )
+    sharded = fsdp if fsdp is not None else parallel is not None and _kind(parallel) == "FSDP"
+    if sharded and parallel is None:
+        raise ValueError("fsdp=True needs an accelerator over several processes")
     config = TuneConfig.resolve(config, **overrides)
     if config.mechanism != "full":
         if neurons is None:
@@ -438,8 +460,11 @@ def tune(
             raise ValueError(
                 "reference does not match the documents: use reference_states(subject, documents)"
             )
-    hf = subject.hf if inplace else copy.deepcopy(subject.hf)
+    hf = subject.hf if inplace and not sharded else copy.deepcopy(subject.hf)
     slices = _merged_slices(hf_slices(neurons)) if config.mechanism != "full" else {}
+    # sharded: ``hf`` (a copy) trains as the FSDP units of ``forward``; ``full`` gathers it at the end
+    forward = _shard(hf) if sharded else partial(tuning_loss, hf)
+    full: list[nn.Module] = []
     torch.manual_seed(config.seed)
     order_rng = random.Random(config.seed)
     pad = subject.tokenizer.pad_token_id
@@ -451,7 +476,13 @@ def tune(
     losses: list[float] = []
     start = time.perf_counter()
     hf.train()
-    with PeakMemory() as memory, _trainable(hf, slices, config.mechanism) as trainable:
+    with (
+        PeakMemory() as memory,
+        _trainable(hf, slices, config.mechanism, merge_into=full.pop if sharded else None) as trainable,
+    ):
+        masks = _sharded_masks(hf, slices) if config.mechanism == "mask" else []
+        # FSDP sums the sharded gradients itself (reduce-scatter); the deltas and the loss are all-reduced
+        summed = [p for p in trainable if not isinstance(p, DTensor)]
         # fused: one pass over each tensor (0.09 s a step for SmolLM2's 135M weights, 0.43 s unfused)
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0, fused=True)
         steps = config.epochs * -(-len(encoded) // config.batch_size)
@@ -465,7 +496,9 @@ def tune(
                 if parallel is not None:  # this process's rows; the losses are sums over the batch's counts
                     mine = [batch[i] for i in shard(batch, rank=rank, world_size=parallel.num_processes)]
                     total = (sum(counts[i][0] for i in batch), sum(counts[i][1] for i in batch))
-                loss = torch.zeros((), device=hf.device)
+                loss, scale = torch.zeros((), device=hf.device), 1.0
+                if sharded and not mine:  # every process runs the layers (their all-gathers): a row, times 0
+                    mine, scale = batch[:1], 0.0
                 if mine:
                     input_ids, mask, labels = _right_pad([encoded[i] for i in mine], pad, hf.device)
                     rows = retain[mine].to(mask.device)
@@ -475,8 +508,7 @@ def tune(
                             ref = lm_head(
                                 subject.hf, torch.cat([reference[i][:-1] for i in mine if retain[i]])
                             )
-                    loss = tuning_loss(
-                        hf,
+                    loss = scale * forward(
                         input_ids,
                         mask,
                         labels,
@@ -487,12 +519,19 @@ def tune(
                     )
                     loss.backward()
                 if parallel is not None:
-                    loss = _summed(parallel, loss, trainable)
+                    loss = _summed(parallel, loss, summed)
+                for p, mask in masks:
+                    if p.grad is not None:
+                        p.grad.mul_(mask)
                 optimizer.step()
                 losses.append(loss.item())
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
+        if sharded:  # the whole tuned model on every process (the deltas merge into it on exit)
+            full.append(subject.hf if inplace else copy.deepcopy(subject.hf))
+            _gather(hf, full[0])
+            hf = full[0]
     hf.eval()
     seconds = time.perf_counter() - start
     if inplace:
@@ -515,6 +554,7 @@ def tune(
         "tokens": sum(len(ids) for ids, _ in encoded),
         "steps": len(losses),
         "processes": 1 if parallel is None else parallel.num_processes,
+        "fsdp": bool(sharded),
         "seconds": seconds,
         "peak_memory_mb": round(memory.extra_mb, 1),
         "neurons": None if neurons is None else len(neurons),
@@ -537,6 +577,7 @@ def _data_parallel(
     inplace: bool,
     reference: Any,
     overrides: dict[str, Any],
+    fsdp: bool | None = None,
 ) -> Accelerator | None:
     """``accelerator`` when it spans several processes (``None`` otherwise), after every process
     checked that all of them tune the same weights with the same arguments."""
@@ -547,19 +588,92 @@ def _data_parallel(
         )
     if accelerator is None or accelerator.num_processes == 1:
         return None
-    kind = str(accelerator.distributed_type).rpartition(".")[2]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise ValueError(f"tune is data-parallel only (DDP); {kind} is not supported")
+    kind = _kind(accelerator)
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise ValueError(
+            f"tune is data-parallel (DDP) or sharded with FSDP (fsdp=True); {kind} is not supported"
+        )
     hf = subject.hf
     weights = [str(hf.dtype), [float(p.detach().sum(dtype=torch.float64)) for p in hf.parameters()]]
     checked = {
         "documents": _described(documents),
-        "options": [repr(config), overrides, inplace, reference is None],
+        "options": [repr(config), overrides, inplace, reference is None, fsdp],
         "neurons": list(neurons) if isinstance(neurons, NeuronSet) else repr(neurons),
         "model (architecture and weights)": [subject.arch.fingerprint(), weights],
     }
     _check_agreement(checked, caller="tune", group=None, device=collective_device())
     return accelerator
+
+
+def _kind(accelerator: Accelerator) -> str:
+    """The accelerator's distributed type: ``"MULTI_CPU"``, ``"MULTI_GPU"``, ``"FSDP"``, ..."""
+    return str(accelerator.distributed_type).rpartition(".")[2]
+
+
+class _LossOf(nn.Module):
+    """:func:`tuning_loss` of ``model`` as a module's forward, the root FSDP unit: its
+    parameters outside the decoder layers (embeddings, final norm, LM head) are gathered around
+    it, whatever submodules the loss calls. One pass of the whole rows (``share_prefix=False``):
+    a process with one row would otherwise call the layers once and one with several twice."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return tuning_loss(self.model, *args, share_prefix=False, **kwargs)
+
+
+def _shard(model: nn.Module) -> nn.Module:
+    """Shard ``model`` in place over the default process group with FSDP2 (``fully_shard``: each
+    process keeps 1/world of dim 0 of every weight): one unit per decoder layer (the classes of
+    ``model._no_split_modules``), the rest in the root unit, :class:`_LossOf`. Gradients are summed
+    over the processes, not averaged (each process's loss is already its share of the batch's)."""
+    from torch.distributed import get_world_size
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard")
+    mesh = init_device_mesh(model.device.type, (get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    root = fully_shard(_LossOf(model), mesh=mesh)
+    for unit in root.modules():
+        if isinstance(unit, FSDPModule):
+            # set_reduce_scatter_divide_factor before torch 2.7
+            divide = getattr(unit, "set_gradient_divide_factor", None)
+            (divide or unit.set_reduce_scatter_divide_factor)(1.0)
+            if hasattr(unit, "set_force_sum_reduction_for_comms"):  # gloo has no PREMUL_SUM
+                unit.set_force_sum_reduction_for_comms(True)
+    return root
+
+
+def _sharded_masks(model: nn.Module, slices: dict[str, tuple[int, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, mask) of each sharded (DTensor) parameter of the ``"mask"`` mechanism: the
+    neurons' mask, sharded as the parameter, to multiply its reduced gradient by."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = dict(model.named_parameters())
+    out = []
+    for name, (axis, index) in slices.items():
+        p = params[name]
+        if isinstance(p, DTensor):
+            full = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+            full.index_fill_(axis, index.to(p.device), True)
+            out.append((p, distribute_tensor(full, p.device_mesh, p.placements)))
+    return out
+
+
+@torch.no_grad()
+def _gather(sharded: nn.Module, full: nn.Module) -> None:
+    """Copy the weights of the sharded model into ``full`` (an unsharded copy), on every process."""
+    params = dict(sharded.named_parameters())
+    for name, p in full.named_parameters():
+        q = params[name]
+        p.copy_(q.full_tensor() if isinstance(q, DTensor) else q)
 
 
 def _summed(accelerator: Accelerator, loss: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -616,16 +730,18 @@ def tuning_loss(
     retain_kl: float = 0.0,
     reference: Float[Tensor, "n v"] | None = None,
     counts: tuple[int, int] | None = None,
+    share_prefix: bool = True,
 ) -> Tensor:
     """Mean cross-entropy of ``model`` on the response tokens, plus ``retain_kl`` times the mean
     KL(reference || model) of the next-token distributions at every token of the ``retain`` rows
     (``reference``: the original model's logits there, in row-major order). With ``counts``, the
     numbers of response and retain tokens of a whole batch of which these rows are one process's
-    share, the sums are divided by those instead: the shares' losses add up to the batch's."""
+    share, the sums are divided by those instead: the shares' losses add up to the batch's
+    (``share_prefix``: :func:`~safety_circuits.activations.hidden_states`)."""
     predicts = labels[:, 1:] != -100  # positions whose next token is a response token
     kl_at = mask[:, 1:].bool() & retain[:, None] if retain_kl else torch.zeros_like(predicts)
     where = predicts | kl_at
-    logits = logits_at(model, input_ids, mask, where)
+    logits = logits_at(model, input_ids, mask, where, share_prefix=share_prefix)
     reduction = "mean" if counts is None else "sum"
     ce = nn.functional.cross_entropy(
         logits[predicts[where]].float(), labels[:, 1:][predicts], reduction=reduction
