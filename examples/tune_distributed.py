@@ -14,7 +14,9 @@ Run (CPU, gloo; ``nccl`` and one GPU per rank when CUDA is there), then as one p
     python examples/tune_distributed.py
 
 Options: ``--limit`` detection prompts (8), ``--documents`` refusal documents (16), both batched by
-``--batch-size`` (4); ``--max-length`` (128), ``--epochs`` (1), ``--lr`` (2e-4).
+``--batch-size`` (4); ``--max-length`` (128), ``--epochs`` (1), ``--lr`` (2e-4); ``--fsdp``: with
+several ranks, tune a copy sharded over them (FSDP2, ``tune(..., fsdp=True)``), written to
+``<out>/<N>proc-fsdp/``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--out", default="runs/tune_distributed")
+    parser.add_argument("--fsdp", action="store_true", help="shard the tuned copy over the ranks (FSDP2)")
     args = parser.parse_args()
     device = init_from_env()
     accelerator = Accelerator(cpu=device.type == "cpu")
@@ -67,10 +70,11 @@ def main() -> None:
     detected = time.perf_counter()
     documents = refusal_documents(prompts[: args.documents])
     options = {"batch_size": args.batch_size, "max_length": args.max_length, "epochs": args.epochs}
-    result = sn_tune(subject, documents, safety, accelerator=accelerator, lr=args.lr, **options)
+    fsdp = args.fsdp and accelerator.num_processes > 1
+    result = sn_tune(subject, documents, safety, accelerator=accelerator, lr=args.lr, fsdp=fsdp, **options)
     tuned = time.perf_counter()
 
-    out = Path(args.out) / f"{accelerator.num_processes}proc"
+    out = Path(args.out) / f"{accelerator.num_processes}proc{'-fsdp' if fsdp else ''}"
     if is_main_process():
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -92,7 +96,7 @@ def main() -> None:
             times["tune_s"],
             [round(loss, 6) for loss in result.losses],
         )
-        for other in sorted(out.parent.glob("*proc")):
+        for other in sorted(out.parent.glob("*proc*")):
             if other != out and (other / "tuned" / "tuning.json").exists():
                 compare(out, other, subject)
     if dist.is_initialized():

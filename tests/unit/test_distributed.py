@@ -1,5 +1,6 @@
 """Data-parallel importance and SN-Tune on two gloo ranks on the CPU: the one-process Importance,
-bit for bit, and the one-process tuning run within float tolerance."""
+bit for bit, and the one-process tuning run within float tolerance, also with the weights sharded
+(FSDP2, ``fsdp=True``)."""
 
 from __future__ import annotations
 
