@@ -249,6 +249,7 @@ def test_one_process_accelerator_is_plain_tune(make_subject, alone):
 # weights (measured at lr 1e-2: 9e-5, the same for the data-parallel run without sharding); at 1e-4, 4e-7
 FSDP_MECHANISMS = ("full", "mask", "delta")
 FSDP_LR = {"full": 1e-4}
+INPLACE = {**TUNE, "retain_kl": 0.0, "mechanism": "mask"}
 
 
 def _fsdp_worker(rank: int, folder: str) -> None:
@@ -306,6 +307,14 @@ def _fsdp_worker(rank: int, folder: str) -> None:
             result._write = lambda *args, log=writes, write=result._write: log.append(args) or write(*args)
             result.save(out / f"fsdp_tuned_{mechanism}")
             (out / f"fsdp_writes_{mechanism}_rank{rank}.json").write_text(json.dumps(len(writes)))
+        # in place (no retain KL, which needs the original): the gathered weights go into subject.hf
+        result = sn_tune(
+            subject, DOCUMENTS, neurons, accelerator=accelerator, fsdp=True, inplace=True, **INPLACE
+        )
+        assert result.subject is subject
+        torch.save(
+            {"losses": result.losses, "state": subject.hf.state_dict()}, out / f"fsdp_inplace_rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -359,6 +368,24 @@ def test_fsdp_tunes_as_one_process(sharded, alone, make_subject, mechanism):
                 assert not torch.equal(tensor[masks[name]], original[name][masks[name]]), name
     if mechanism == "full":
         assert all(not torch.equal(t, original[n]) for n, t in runs[0]["state"].items() if "embed" not in n)
+
+
+def test_fsdp_tunes_in_place(sharded):
+    from safety_circuits.testing import tiny_subject
+
+    subject = tiny_subject("llama")  # its own: tuned in place below, as on the ranks
+    neurons = NeuronSet(subject.arch, SITES)
+    masks = hf_masks(subject, neurons)
+    original = {n: t.clone() for n, t in subject.hf.state_dict().items()}
+    one = sn_tune(subject, DOCUMENTS, neurons, inplace=True, **INPLACE)
+    for rank in range(WORLD):
+        run = torch.load(sharded / f"fsdp_inplace_rank{rank}.pt")
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=0)
+        for name, tensor in run["state"].items():
+            torch.testing.assert_close(tensor, subject.hf.state_dict()[name], rtol=0, atol=1e-6)
+            outside = ~masks[name] if name in masks else torch.ones_like(tensor, dtype=torch.bool)
+            assert torch.equal(tensor[outside], original[name][outside]), name
+            assert name not in masks or not torch.equal(tensor, original[name]), name
 
 
 @pytest.mark.parametrize("mechanism", FSDP_MECHANISMS)
