@@ -101,3 +101,27 @@ def test_sn_tune_changes_only_the_owned_slices(smollm2):
         assert owned.any() == (not torch.equal(tuned[name], before)), name
     ids = subject.tokenizer("Hello there", return_tensors="pt")["input_ids"]
     assert torch.allclose(result.subject.tl(ids), result.subject.hf(ids).logits, atol=1e-4)
+
+
+def test_translated_prompts_tokenise_losslessly(smollm2):
+    """SmolLM2's tokenizer keeps every translated prompt (no unknown or dropped characters in
+    Chinese or Vietnamese), so the multilingual results read the text that was written."""
+    tokenizer = smollm2[DEFAULT_BACKEND].tokenizer
+    for lang in data.LANGUAGES:
+        for text in data.translated_frame(lang)["text"]:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert tokenizer.decode(ids) == text, (lang, text)
+
+
+def test_safety_neurons_per_language(smollm2):
+    """One rule in two languages on the real model: two non-empty sets that overlap without being
+    equal, and the overlap table's IoU is the sets' own."""
+    from safety_circuits.multilingual import language_neurons, language_overlap
+
+    subject = smollm2[DEFAULT_BACKEND]
+    harmful = {lang: data.translated(lang, "harmbench", "val")[:4] for lang in ("en", "zh")}
+    sets = language_neurons(subject, harmful, quantile=0.99, batch_size=4, progress=False)
+    en, zh = sets["en"], sets["zh"]
+    assert len(en) and len(zh) and en != zh and len(en & zh)
+    iou = language_overlap(sets).matrix("iou").loc["en", "zh"]
+    assert iou == pytest.approx(len(en & zh) / len(en | zh))
