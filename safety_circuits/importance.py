@@ -300,19 +300,29 @@ def _column_norms(x: Float[Tensor, "batch pos n"], mask: Tensor) -> Float[Tensor
     return (x.float().square() * mask[:, :, None]).sum(dim=1).sqrt()
 
 
+def vo_weights(
+    w_o: Float[Tensor, "n_heads d_head d_model"], n_kv: int
+) -> tuple[Float[Tensor, "n_heads d_head"], Float[Tensor, "n_kv d_head n_rep n_rep"]]:
+    """What :func:`vo_importance` needs of one layer's ``W_O``, computed once: the row norms
+    ``||W_O[h, d]||`` and, per KV head and dimension, the Gram matrix of the rows of the query
+    heads that share it."""
+    n_heads, d_head, _ = w_o.shape
+    w_o = w_o.float()
+    grouped = w_o.view(n_kv, n_heads // n_kv, d_head, -1)
+    return w_o.norm(dim=-1), torch.einsum("grdm,gsdm->gdrs", grouped, grouped)
+
+
 def vo_importance(
     z: Float[Tensor, "batch pos n_heads d_head"],
     mask: Tensor,
-    w_o: Float[Tensor, "n_heads d_head d_model"],
-    n_kv: int,
+    norms: Float[Tensor, "n_heads d_head"],
+    gram: Float[Tensor, "n_kv d_head n_rep n_rep"],
 ) -> tuple[Float[Tensor, "batch n_kv d_head"], Float[Tensor, "batch n_heads d_head"]]:
-    """Exact output-change norms for v (per KV head) and o neurons of one layer."""
+    """Exact output-change norms for v (per KV head) and o neurons of one layer (``norms`` and
+    ``gram``: :func:`vo_weights` of its ``W_O``)."""
     b, _, n_heads, d_head = z.shape
-    n_rep = n_heads // n_kv
-    w_o = w_o.float()
-    o = _column_norms(z.flatten(2), mask).view(b, n_heads, d_head) * w_o.norm(dim=-1)
-    grouped = w_o.view(n_kv, n_rep, d_head, -1)
-    gram = torch.einsum("grdm,gsdm->gdrs", grouped, grouped)  # per KV head and dim
+    n_kv, n_rep = gram.shape[0], gram.shape[-1]
+    o = _column_norms(z.flatten(2), mask).view(b, n_heads, d_head) * norms
     zg = (z.float() * mask[:, :, None, None]).view(b, -1, n_kv, n_rep, d_head)
     v_sq = torch.einsum("bpgrd,gdrs,bpgsd->bgd", zg, gram, zg)
     return v_sq.clamp(min=0).sqrt(), o
@@ -494,6 +504,11 @@ def neuron_importance(
     scores = {k: torch.zeros(len(prompts), arch.n_layers, kind_size(arch, k)) for k in kinds}
     blocks = subject.tl.blocks  # per layer: the layers of a sharded model sit on several devices
     w_out_norm = [block.mlp.W_out.detach().float().norm(dim=-1) for block in blocks]  # [d_mlp] each
+    w_o = (
+        [vo_weights(block.attn.W_O.detach(), arch.n_kv_heads) for block in blocks]
+        if {"v", "o"} & set(kinds)
+        else []
+    )
     geos = [_geometry(subject, layer) for layer in range(arch.n_layers)]
     norms = [adapter(arch).qk_norm(subject.hf, layer) for layer in range(arch.n_layers)]
     stash: dict[str, Tensor] = {}
@@ -511,7 +526,7 @@ def neuron_importance(
         layer = int(hook.name.split(".")[1])
         mask, rows = state["mask"].to(act.device), state["rows"]  # a sharded model's layer device
         if "v" in kinds or "o" in kinds:
-            v, o = vo_importance(act, mask, blocks[layer].attn.W_O.detach(), arch.n_kv_heads)
+            v, o = vo_importance(act, mask, *w_o[layer])
             for kind, value in (("v", v), ("o", o)):
                 if kind in kinds:
                     scores[kind][rows, layer] = value.flatten(1).cpu()
