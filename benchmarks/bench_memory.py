@@ -46,6 +46,7 @@ from safety_circuits._memory import (
     saved_bytes,
     subject_bytes,
     tune_extra,
+    tune_phases,
     weight_bytes,
 )
 from safety_circuits.activations import batches, shared_prefix_length
@@ -104,12 +105,16 @@ def trained_elements(subject, neurons: NeuronSet, mechanism: str) -> int:
 def sharded_job(mechanism: str, model: str) -> dict | None:
     """One process of ``torchrun --nproc_per_node N``: SN-Tune sharded with FSDP (``fsdp=True``).
     Its own peak over the whole ``tune`` call, above the loaded Subject (the copy, its sharding,
-    training and the gather at the end); rank 0 returns every rank's row."""
+    training and the gather at the end), and its peak until the end's whole copy is made
+    (training); rank 0 returns every rank's rows."""
+    import copy
+    import types
+
     import torch.distributed as dist
     from accelerate import Accelerator
 
+    import safety_circuits.tuning as tuning
     from safety_circuits.distributed import init_from_env
-    from safety_circuits.tuning import tune
 
     init_from_env()
     accelerator = Accelerator(cpu=True)
@@ -122,26 +127,45 @@ def sharded_job(mechanism: str, model: str) -> dict | None:
     # (tune's agreement check would), so the baseline is the whole Subject the formula stands on
     for p in subject.hf.parameters():
         p.detach().sum()
-    with PeakMemory() as memory:
-        result = tune(
-            subject, docs, neurons, mechanism=mechanism, progress=False, accelerator=accelerator, fsdp=True
-        )
+    training, copies = PeakMemory(), []
+
+    def deepcopy(x, *args):  # tune's second copy is the end's whole copy: training stops there
+        copies.append(x)
+        if len(copies) == 2:
+            training.__exit__()
+        return copy.deepcopy(x, *args)
+
+    tuning.copy = types.SimpleNamespace(deepcopy=deepcopy)
+    try:
+        with PeakMemory() as memory, training:
+            options = {"mechanism": mechanism, "progress": False, "accelerator": accelerator}
+            result = tuning.tune(subject, docs, neurons, fsdp=True, **options)
+    finally:
+        tuning.copy = copy
     trained = trained_elements(subject, neurons, mechanism)
     tokens, response = largest_step(subject, docs, mechanism, shape, shards=shards)
-    extra = tune_extra(
-        shape, 4, mechanism, tokens=tokens, response_tokens=response, trained=trained, shards=shards
-    )
-    row = {
-        "measured": memory.peak - memory.start,
-        "predicted": weight_bytes(shape, 4) + extra,
-        "record_mb": result.record["peak_memory_mb"],
-        "detail": f"rank {rank} of {shards}; {trained:,} trained, largest share {tokens} tokens "
-        f"({response} with a loss); record {result.record['peak_memory_mb']:.0f} MiB",
-    }
-    rows = [None] * shards
-    dist.all_gather_object(rows, row)
+    step = {"tokens": tokens, "response_tokens": response, "trained": trained}
+    phases = tune_phases(shape, 4, mechanism, shards=shards, **step)
+    detail = f"{trained:,} trained, largest share {tokens} tokens ({response} with a loss)"
+    rows = [
+        {
+            "suffix": f"(rank {rank})",
+            "measured": memory.peak - memory.start,
+            "predicted": weight_bytes(shape, 4) + tune_extra(shape, 4, mechanism, shards=shards, **step),
+            "detail": f"whole tune call, {shards} processes; {detail}; "
+            f"record {result.record['peak_memory_mb']:.0f} MiB",
+        },
+        {
+            "suffix": f"training (rank {rank})",
+            "measured": training.peak - training.start,
+            "predicted": weight_bytes(shape, 4) + phases["training"],
+            "detail": "until the end's whole copy",
+        },
+    ]
+    everyone = [None] * shards
+    dist.all_gather_object(everyone, rows)
     dist.destroy_process_group()
-    return {"ranks": rows} if rank == 0 else None
+    return {"rows": [r for ranks in everyone for r in ranks]} if rank == 0 else None
 
 
 def job(name: str, model: str) -> dict:
@@ -291,24 +315,23 @@ def main() -> None:
         for mechanism in ("delta", "mask", "full"):
             runs.append((f"saved ({family}, {mechanism})", f"saved:{family},{mechanism}"))
     rows = []
-    print(f"{'job':44s} {'measured MiB':>13s} {'predicted MiB':>14s} {'pred/meas':>9s}  detail")
+    print(f"{'job':52s} {'measured MiB':>13s} {'predicted MiB':>14s} {'pred/meas':>9s}  detail")
     for label, one in runs:
         cmd = [sys.executable, __file__, "--one", one, "--model", args.model]
         if one.startswith("fsdp:"):  # N processes, each measuring its own peak
             cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(args.shards)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
-            print(f"{label:44s} failed:\n{out.stderr[-2000:]}")
+            print(f"{label:52s} failed:\n{out.stderr[-2000:]}")
             continue
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        ranks = result.get("ranks")
-        for i, r in enumerate(ranks or [result]):
-            name = label if ranks is None else f"{label} (rank {i})"
+        for r in result.get("rows", [result]):
+            name = f"{label} {r.pop('suffix')}" if "suffix" in r else label
             ratio = r["predicted"] / r["measured"]
             rows.append({"job": name, **r, "ratio": ratio})
             flag = "" if 0.8 <= ratio <= 1.2 else "  (outside 20%)"
             print(
-                f"{name:44s} {r['measured'] / MiB:13.1f} {r['predicted'] / MiB:14.1f} {ratio:9.2f}  "
+                f"{name:52s} {r['measured'] / MiB:13.1f} {r['predicted'] / MiB:14.1f} {ratio:9.2f}  "
                 f"{r.get('detail', '')}{flag}"
             )
     if args.json:

@@ -201,7 +201,23 @@ def tune_extra(
     shards: int = 1,
 ) -> int:
     """Extra peak of SN-Tune above two whole HF copies (the Subject's and the one trained), per
-    process with ``shards`` > 1.
+    process with ``shards`` > 1: the largest of :func:`tune_phases`."""
+    step = {"tokens": tokens, "response_tokens": response_tokens, "trained": trained}
+    return max(tune_phases(shape, dtype_bytes, mechanism, shards=shards, **step).values())
+
+
+def tune_phases(
+    shape: Shape,
+    dtype_bytes: int,
+    mechanism: str,
+    *,
+    tokens: int,
+    response_tokens: int,
+    trained: int,
+    shards: int = 1,
+) -> dict[str, int]:
+    """Extra bytes of SN-Tune above two whole HF copies (the Subject's and the one trained) at its
+    peaks: ``training``, and with ``shards`` > 1 (per process) the ``end`` too.
 
     ``tokens``: tokens of the largest batch (after the shared chat prefix), or with ``shards`` of
     the largest share of a batch (whole rows: no shared prefix); ``response_tokens``: its positions
@@ -222,16 +238,17 @@ def tune_extra(
     ``1/N`` of the copy trained, the states, gradients and mask, and the largest parameter gathered
     whole, twice (``DTensor.full_tensor`` over gloo: the all-gather's output and gloo's staging
     buffer of the same size, measured 200 MiB for a 100 MiB tensor; NCCL gathers in place, so on
-    GPUs this counts one largest parameter too many). The peak is the larger of training and that
-    end (the end, unless a share's activations outweigh the whole copy); the share of the batch is
-    all that shrinks activations.
+    GPUs this counts one largest parameter too many). The start (the whole copy made, then
+    sharded: at most ``1/N`` of a copy above the two) is always below the end. The end is the peak
+    unless a share's activations outweigh the whole copy; the share of the batch is all that
+    shrinks activations.
     """
     state = trained * dtype_bytes * 2 + (trained if mechanism == "mask" else 0)
     grads = trained * dtype_bytes
     saved = tokens * shape.saved_per_token(mechanism) * dtype_bytes
     logits = response_tokens * shape.d_vocab * 4 * 3
     if shards == 1:
-        return state + max(saved, grads) + logits
+        return {"training": state + max(saved, grads) + logits}
     if mechanism != "delta":  # sharded as the weights they belong to
         state, grads = -(-state // shards), -(-grads // shards)
     copy = weight_bytes(shape, dtype_bytes)
@@ -239,7 +256,7 @@ def tune_extra(
     unsharded = (shape.root_params + 2 * shape.layer_params) * dtype_bytes
     training = shard - copy + unsharded + state + max(saved, grads) + logits
     end = shard + state + grads + 2 * shape.largest_param * dtype_bytes
-    return max(training, end)
+    return {"training": training, "end": end}
 
 
 def sharded_gpus(
