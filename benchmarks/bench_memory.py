@@ -44,6 +44,7 @@ from safety_circuits._memory import (
     patching_extra,
     predicted_saved,
     saved_bytes,
+    sharded_gpus,
     subject_bytes,
     tune_extra,
     tune_phases,
@@ -252,7 +253,9 @@ def saved(family: str, mechanism: str) -> dict:
 def llama3_table() -> None:
     """docs/scale.md's Llama-3-8B / 70B rows from the formulas (bf16; GB = 1e9 bytes): importance at
     batch 8 x 512 tokens, SN-Tune on 8 documents x 256 tokens with 64 response tokens each (``delta``:
-    1% of the neurons), dynamic patching of 8 x (512 + 256) tokens."""
+    1% of the neurons), dynamic patching of 8 x (512 + 256) tokens; SN-Tune sharded with FSDP over
+    N processes of one GPU each: the per-process peak (and training's, before the end's gather), and
+    the fewest processes that fit (:func:`sharded_gpus`)."""
     b, gb = 2, 1e9
     for shape in (LLAMA3_8B, LLAMA3_70B):
         per_layer = {  # neurons of each kind in a layer, and the weights one of them owns
@@ -281,6 +284,20 @@ def llama3_table() -> None:
         print(f"{shape.name}: {shape.params / 1e9:.2f} B parameters, one bf16 copy {copy:.1f} GB")
         for what, total in rows.items():
             print(f"  {what:52s} {total / gb:7.1f} GB  {gpus_needed(total)} x 80 GB")
+        # FSDP: N processes, one GPU each, each with its share (whole rows) of the batch
+        for mechanism, n in trained.items():
+            fewest = sharded_gpus(shape, b, mechanism, tokens=8 * 256, response_tokens=8 * 64, trained=n)
+            cells = []
+            for shards in sorted({2, 8, fewest or 8}):
+                share = {"tokens": -(-8 * 256 // shards), "response_tokens": -(-8 * 64 // shards)}
+                phases = tune_phases(shape, b, mechanism, shards=shards, trained=n, **share)
+                whole = 2 * weight_bytes(shape, b)
+                cells.append(
+                    f"N={shards}: {(whole + max(phases.values())) / gb:.1f} GB "
+                    f"(training {(whole + phases['training']) / gb:.1f})"
+                )
+            need = f"{fewest} x 80 GB" if fewest else "none: two whole copies per process"
+            print(f"  SN-Tune {mechanism}, FSDP, per process: {'; '.join(cells)}  {need}")
 
 
 def main() -> None:
