@@ -237,11 +237,11 @@ def tune_phases(
     its gradients (the last step's) and the optimizer's states are still alive: the whole copy,
     ``1/N`` of the copy trained, the states, gradients and mask, and the largest parameter gathered
     whole, twice (``DTensor.full_tensor`` over gloo: the all-gather's output and gloo's staging
-    buffer of the same size, measured 200 MiB for a 100 MiB tensor; NCCL gathers in place, so on
-    GPUs this counts one largest parameter too many). The start (the whole copy made, then
-    sharded: at most ``1/N`` of a copy above the two) is always below the end. The end is the peak
-    unless a share's activations outweigh the whole copy; the share of the batch is all that
-    shrinks activations.
+    buffer of the same size, measured 200 MiB for a 100 MiB tensor; NCCL's all-gather writes into
+    its output, so on GPUs this likely counts one largest parameter too many). The start (the
+    whole copy made, then sharded: at most ``1/N`` of a copy above the two) is always below the
+    end. The end is the peak unless a share's activations outweigh the whole copy; the share of
+    the batch is all that shrinks activations.
     """
     state = trained * dtype_bytes * 2 + (trained if mechanism == "mask" else 0)
     grads = trained * dtype_bytes
