@@ -14,6 +14,10 @@ peak resident memory it measured (``PeakMemory``, sampled every 5 ms), the peak 
   0.66% of neurons: the record's ``peak_memory_mb`` (above the Subject and the copy trained);
 - ``patching``: two Subjects loaded and built, then dynamic patching of 8 prompts, 32 new tokens,
   above the process after imports;
+- ``fsdp delta|mask|full``: the same tuning sharded with FSDP (``fsdp=True``) over ``--shards``
+  (2) processes of ``torchrun`` (gloo), each measuring its own peak over the whole ``tune`` call
+  above its resident Subject, and its peak until the end's whole copy is made (training), against
+  ``tune_extra`` / ``tune_phases`` with ``shards``; one row per rank;
 - ``saved (tiny ...)``: the bytes autograd saves for the backward pass of one tuning step, counted
   exactly with saved-tensor hooks, on the tiny Llama, Qwen2 and Mistral models and SmolLM2,
   against ``Shape.saved_per_token``.
