@@ -14,6 +14,10 @@ peak resident memory it measured (``PeakMemory``, sampled every 5 ms), the peak 
   0.66% of neurons: the record's ``peak_memory_mb`` (above the Subject and the copy trained);
 - ``patching``: two Subjects loaded and built, then dynamic patching of 8 prompts, 32 new tokens,
   above the process after imports;
+- ``fsdp delta|mask|full``: the same tuning sharded with FSDP (``fsdp=True``) over ``--shards``
+  (2) processes of ``torchrun`` (gloo), each measuring its own peak over the whole ``tune`` call
+  above its resident Subject, and its peak until the end's whole copy is made (training), against
+  ``tune_extra`` / ``tune_phases`` with ``shards``; one row per rank;
 - ``saved (tiny ...)``: the bytes autograd saves for the backward pass of one tuning step, counted
   exactly with saved-tensor hooks, on the tiny Llama, Qwen2 and Mistral models and SmolLM2,
   against ``Shape.saved_per_token``.
@@ -44,8 +48,10 @@ from safety_circuits._memory import (
     patching_extra,
     predicted_saved,
     saved_bytes,
+    sharded_gpus,
     subject_bytes,
     tune_extra,
+    tune_phases,
     weight_bytes,
 )
 from safety_circuits.activations import batches, shared_prefix_length
@@ -54,6 +60,7 @@ from safety_circuits.tuning import _length_buckets, _merged_slices, encode_docum
 
 MiB = 2**20
 JOBS = ("load", "importance", "tune delta", "tune mask", "tune full", "patching")
+SHARDED = ("fsdp delta", "fsdp mask", "fsdp full")
 
 
 def random_neurons(arch, fraction: float) -> NeuronSet:
@@ -62,24 +69,108 @@ def random_neurons(arch, fraction: float) -> NeuronSet:
     return NeuronSet.from_masks(arch, masks)
 
 
-def largest_step(subject, docs, mechanism: str, shape: Shape, batch_size: int = 8) -> tuple[int, int]:
-    """Tokens and response tokens of the tuning batch whose saved activations are the largest."""
+def largest_step(
+    subject, docs, mechanism: str, shape: Shape, batch_size: int = 8, shards: int = 1
+) -> tuple[int, int]:
+    """Tokens and response tokens of the tuning batch whose saved activations are the largest; with
+    ``shards`` processes (FSDP), of the largest share of a batch, whole rows (no shared prefix)."""
+    from safety_circuits.distributed import shard
+
     encoded = encode_documents(subject, docs)
     best = (0, 0, 0)
     lengths = [len(ids) for ids, _ in encoded]
     for batch in _length_buckets(lengths, batch_size, random.Random(0)):
-        rows = [encoded[i] for i in batch]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), -1)
-        mask = torch.zeros_like(ids)
-        for r, (row, _) in enumerate(rows):
-            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-        n = shared_prefix_length(ids, mask)
-        tokens = n + len(rows) * (width - n)
-        response = sum(sum(label != -100 for label in labels[1:]) for _, labels in rows)
-        size = tokens * shape.saved_per_token(mechanism) * 4 + response * shape.d_vocab * 12
-        best = max(best, (size, tokens, response))
+        for rank in range(shards):
+            mine = batch if shards == 1 else [batch[i] for i in shard(batch, rank=rank, world_size=shards)]
+            rows = [encoded[i] for i in mine]
+            width = max(len(ids) for ids, _ in rows)
+            ids = torch.full((len(rows), width), -1)
+            mask = torch.zeros_like(ids)
+            for r, (row, _) in enumerate(rows):
+                ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+            n = shared_prefix_length(ids, mask) if shards == 1 else 0
+            tokens = n + len(rows) * (width - n)
+            response = sum(sum(label != -100 for label in labels[1:]) for _, labels in rows)
+            size = tokens * shape.saved_per_token(mechanism) * 4 + response * shape.d_vocab * 12
+            best = max(best, (size, tokens, response))
     return best[1], best[2]
+
+
+def trained_elements(subject, neurons: NeuronSet, mechanism: str) -> int:
+    """Elements with gradients and AdamW state: the deltas, the parameters owning a neuron, or all."""
+    if mechanism == "delta":
+        slices = _merged_slices(hf_slices(neurons))
+        params = {p: subject.hf.get_parameter(p) for p in slices}
+        return sum(len(i) * (params[p].numel() // params[p].shape[a]) for p, (a, i) in slices.items())
+    if mechanism == "mask":
+        return sum(subject.hf.get_parameter(p).numel() for p in _merged_slices(hf_slices(neurons)))
+    return sum(p.numel() for p in subject.hf.parameters())
+
+
+def sharded_job(mechanism: str, model: str) -> dict | None:
+    """One process of ``torchrun --nproc_per_node N``: SN-Tune sharded with FSDP (``fsdp=True``).
+    Its own peak over the whole ``tune`` call, above the loaded Subject (the copy, its sharding,
+    training and the gather at the end), and its peak until the end's whole copy is made
+    (training); rank 0 returns every rank's rows."""
+    import copy
+    import types
+
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    import safety_circuits.tuning as tuning
+    from safety_circuits.distributed import init_from_env
+
+    init_from_env()
+    accelerator = Accelerator(cpu=True)
+    rank, shards = dist.get_rank(), dist.get_world_size()
+    subject = load_model(model, device="cpu")
+    shape = Shape.from_arch(subject.arch)
+    neurons = random_neurons(subject.arch, 0.0066)
+    docs = refusal_documents(data.harmbench("val")[:32])
+    # the Subject's weights are mapped from the safetensors file, resident once read: read them now
+    # (tune's agreement check would), so the baseline is the whole Subject the formula stands on
+    for p in subject.hf.parameters():
+        p.detach().sum()
+    training, copies = PeakMemory(), []
+
+    def deepcopy(x, *args):  # tune's second copy is the end's whole copy: training stops there
+        copies.append(x)
+        if len(copies) == 2:
+            training.__exit__()
+        return copy.deepcopy(x, *args)
+
+    tuning.copy = types.SimpleNamespace(deepcopy=deepcopy)
+    try:
+        with PeakMemory() as memory, training:
+            options = {"mechanism": mechanism, "progress": False, "accelerator": accelerator}
+            result = tuning.tune(subject, docs, neurons, fsdp=True, **options)
+    finally:
+        tuning.copy = copy
+    trained = trained_elements(subject, neurons, mechanism)
+    tokens, response = largest_step(subject, docs, mechanism, shape, shards=shards)
+    step = {"tokens": tokens, "response_tokens": response, "trained": trained}
+    phases = tune_phases(shape, 4, mechanism, shards=shards, **step)
+    detail = f"{trained:,} trained, largest share {tokens} tokens ({response} with a loss)"
+    rows = [
+        {
+            "suffix": f"(rank {rank})",
+            "measured": memory.peak - memory.start,
+            "predicted": weight_bytes(shape, 4) + tune_extra(shape, 4, mechanism, shards=shards, **step),
+            "detail": f"whole tune call, {shards} processes; {detail}; "
+            f"record {result.record['peak_memory_mb']:.0f} MiB",
+        },
+        {
+            "suffix": f"training (rank {rank})",
+            "measured": training.peak - training.start,
+            "predicted": weight_bytes(shape, 4) + phases["training"],
+            "detail": "until the end's whole copy",
+        },
+    ]
+    everyone = [None] * shards
+    dist.all_gather_object(everyone, rows)
+    dist.destroy_process_group()
+    return {"rows": [r for ranks in everyone for r in ranks]} if rank == 0 else None
 
 
 def job(name: str, model: str) -> dict:
@@ -114,13 +205,8 @@ def job(name: str, model: str) -> dict:
         neurons = random_neurons(subject.arch, 0.0066)
         docs = refusal_documents(prompts[:32])
         result = tune(subject, docs, neurons, mechanism=mechanism, progress=False)
-        if mechanism == "delta":
-            trained = result.record["trained_parameters"]
-        elif mechanism == "mask":
-            owned = _merged_slices(hf_slices(neurons))
-            trained = sum(subject.hf.get_parameter(p).numel() for p in owned)
-        else:
-            trained = shape.params
+        trained = result.record["trained_parameters"] if mechanism == "delta" else None
+        trained = trained or trained_elements(subject, neurons, mechanism)
         tokens, response = largest_step(subject, docs, mechanism, shape)
         predicted = tune_extra(shape, 4, mechanism, tokens=tokens, response_tokens=response, trained=trained)
         return {
@@ -171,7 +257,9 @@ def saved(family: str, mechanism: str) -> dict:
 def llama3_table() -> None:
     """docs/scale.md's Llama-3-8B / 70B rows from the formulas (bf16; GB = 1e9 bytes): importance at
     batch 8 x 512 tokens, SN-Tune on 8 documents x 256 tokens with 64 response tokens each (``delta``:
-    1% of the neurons), dynamic patching of 8 x (512 + 256) tokens."""
+    1% of the neurons), dynamic patching of 8 x (512 + 256) tokens; SN-Tune sharded with FSDP over
+    N processes of one GPU each: the per-process peak (and training's, before the end's gather), and
+    the fewest processes that fit (:func:`sharded_gpus`)."""
     b, gb = 2, 1e9
     for shape in (LLAMA3_8B, LLAMA3_70B):
         per_layer = {  # neurons of each kind in a layer, and the weights one of them owns
@@ -200,6 +288,20 @@ def llama3_table() -> None:
         print(f"{shape.name}: {shape.params / 1e9:.2f} B parameters, one bf16 copy {copy:.1f} GB")
         for what, total in rows.items():
             print(f"  {what:52s} {total / gb:7.1f} GB  {gpus_needed(total)} x 80 GB")
+        # FSDP: N processes, one GPU each, each with its share (whole rows) of the batch
+        for mechanism, n in trained.items():
+            fewest = sharded_gpus(shape, b, mechanism, tokens=8 * 256, response_tokens=8 * 64, trained=n)
+            cells = []
+            for shards in sorted({2, 8, fewest or 8}):
+                share = {"tokens": -(-8 * 256 // shards), "response_tokens": -(-8 * 64 // shards)}
+                phases = tune_phases(shape, b, mechanism, shards=shards, trained=n, **share)
+                whole = 2 * weight_bytes(shape, b)
+                cells.append(
+                    f"N={shards}: {(whole + max(phases.values())) / gb:.1f} GB "
+                    f"(training {(whole + phases['training']) / gb:.1f})"
+                )
+            need = f"{fewest} x 80 GB" if fewest else "none: two whole copies per process"
+            print(f"  SN-Tune {mechanism}, FSDP, per process: {'; '.join(cells)}  {need}")
 
 
 def main() -> None:
@@ -207,7 +309,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--jobs", nargs="*", default=list(JOBS), choices=JOBS)
+    parser.add_argument("--jobs", nargs="*", default=list(JOBS + SHARDED), choices=JOBS + SHARDED)
+    parser.add_argument("--shards", type=int, default=2, help="processes of the fsdp jobs (torchrun)")
     parser.add_argument("--saved", nargs="*", default=["llama", "qwen2", "mistral", "smollm2"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the rows to this file")
@@ -218,30 +321,40 @@ def main() -> None:
         return
     if args.one:
         kind, _, rest = args.one.partition(":")
+        if kind == "fsdp":
+            out = sharded_job(rest, args.model)
+            if out is not None:
+                print(json.dumps(out))
+            return
         out = job(rest, args.model) if kind == "job" else saved(*rest.split(","))
         print(json.dumps(out))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    runs = [(f"{args.model}: {name}", f"job:{name}") for name in args.jobs]
+    runs = [(f"{args.model}: {name}", f"job:{name}") for name in args.jobs if name in JOBS]
+    runs += [(f"{args.model}: {name}", f"fsdp:{name.split()[1]}") for name in args.jobs if name in SHARDED]
     for family in args.saved:
         for mechanism in ("delta", "mask", "full"):
             runs.append((f"saved ({family}, {mechanism})", f"saved:{family},{mechanism}"))
     rows = []
-    print(f"{'job':44s} {'measured MiB':>13s} {'predicted MiB':>14s} {'pred/meas':>9s}  detail")
+    print(f"{'job':52s} {'measured MiB':>13s} {'predicted MiB':>14s} {'pred/meas':>9s}  detail")
     for label, one in runs:
         cmd = [sys.executable, __file__, "--one", one, "--model", args.model]
+        if one.startswith("fsdp:"):  # N processes, each measuring its own peak
+            cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(args.shards)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
-            print(f"{label:44s} failed:\n{out.stderr[-2000:]}")
+            print(f"{label:52s} failed:\n{out.stderr[-2000:]}")
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        ratio = r["predicted"] / r["measured"]
-        rows.append({"job": label, **r, "ratio": ratio})
-        flag = "" if 0.8 <= ratio <= 1.2 else "  (outside 20%)"
-        print(
-            f"{label:44s} {r['measured'] / MiB:13.1f} {r['predicted'] / MiB:14.1f} {ratio:9.2f}  "
-            f"{r.get('detail', '')}{flag}"
-        )
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        for r in result.get("rows", [result]):
+            name = f"{label} {r.pop('suffix')}" if "suffix" in r else label
+            ratio = r["predicted"] / r["measured"]
+            rows.append({"job": name, **r, "ratio": ratio})
+            flag = "" if 0.8 <= ratio <= 1.2 else "  (outside 20%)"
+            print(
+                f"{name:52s} {r['measured'] / MiB:13.1f} {r['predicted'] / MiB:14.1f} {ratio:9.2f}  "
+                f"{r.get('detail', '')}{flag}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

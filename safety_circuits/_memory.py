@@ -106,6 +106,16 @@ class Shape:
         embed = self.d_vocab * self.d_model
         return embed * (1 if self.tied_embeddings else 2) + self.n_layers * self.layer_params + self.d_model
 
+    @property
+    def root_params(self) -> int:
+        """Weights outside the decoder layers: embedding, final norm, unembedding unless tied."""
+        return self.params - self.n_layers * self.layer_params
+
+    @property
+    def largest_param(self) -> int:
+        """Elements of the largest single weight (the embedding, or the MLP's projections)."""
+        return max(self.d_vocab * self.d_model, self.d_mlp * self.d_model)
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Keys and values of one token over all layers (one model's KV cache)."""
         return 2 * self.n_layers * self.d_kv * dtype_bytes
@@ -188,23 +198,87 @@ def tune_extra(
     tokens: int,
     response_tokens: int,
     trained: int,
+    shards: int = 1,
 ) -> int:
-    """Extra peak of one SN-Tune step above the two HF copies (the Subject's and the one trained).
+    """Extra peak of SN-Tune above two whole HF copies (the Subject's and the one trained), per
+    process with ``shards`` > 1: the largest of :func:`tune_phases`."""
+    step = {"tokens": tokens, "response_tokens": response_tokens, "trained": trained}
+    return max(tune_phases(shape, dtype_bytes, mechanism, shards=shards, **step).values())
 
-    ``tokens``: tokens of the largest batch (after the shared chat prefix); ``response_tokens``:
-    its positions with a loss; ``trained``: the elements with gradients and AdamW state: the
-    deltas (``delta``), the whole parameters that own a neuron (``mask``), every parameter
-    (``full``). AdamW keeps two states in the parameter's dtype; ``mask`` also keeps a bool mask
-    per owned element. The LM head runs at the response positions only: logits, their
-    log-softmax and its gradient in float32. The backward pass frees each layer's saved
-    activations as it writes that layer's gradients, so the two are never all alive at once: the
-    larger of them counts.
+
+def tune_phases(
+    shape: Shape,
+    dtype_bytes: int,
+    mechanism: str,
+    *,
+    tokens: int,
+    response_tokens: int,
+    trained: int,
+    shards: int = 1,
+) -> dict[str, int]:
+    """Extra bytes of SN-Tune above two whole HF copies (the Subject's and the one trained) at its
+    peaks: ``training``, and with ``shards`` > 1 (per process) the ``end`` too.
+
+    ``tokens``: tokens of the largest batch (after the shared chat prefix), or with ``shards`` of
+    the largest share of a batch (whole rows: no shared prefix); ``response_tokens``: its positions
+    with a loss; ``trained``: the elements with gradients and AdamW state: the deltas (``delta``),
+    the whole parameters that own a neuron (``mask``), every parameter (``full``). AdamW keeps two
+    states in the parameter's dtype; ``mask`` also keeps a bool mask per owned element. The LM head
+    runs at the response positions only: logits, their log-softmax and its gradient in float32.
+    The backward pass frees each layer's saved activations as it writes that layer's gradients, so
+    the two are never all alive at once: the larger of them counts.
+
+    Sharded (``tune(..., fsdp=True)`` over ``shards`` processes; FSDP2): each process keeps 1/N of
+    the copy trained, and of the gradients, states and mask of ``mask``/``full`` (``delta``'s
+    deltas stay whole), and while training the unsharded root unit (embeddings, final norm, LM
+    head) and two decoder layers (the one running and the one prefetched): the whole copy is *not*
+    there then (``1/N - 1`` copies). But at the end every process deep-copies the Subject's HF
+    model and gathers the tuned weights into it, one parameter at a time, while the sharded copy,
+    its gradients (the last step's) and the optimizer's states are still alive: the whole copy,
+    ``1/N`` of the copy trained, the states, gradients and mask, and the largest parameter gathered
+    whole, twice (``DTensor.full_tensor`` over gloo: the all-gather's output and gloo's staging
+    buffer of the same size, measured 200 MiB for a 100 MiB tensor; NCCL's all-gather writes into
+    its output, so on GPUs this likely counts one largest parameter too many). The start (the
+    whole copy made, then sharded: at most ``1/N`` of a copy above the two) is always below the
+    end. The end is the peak unless a share's activations outweigh the whole copy; the share of
+    the batch is all that shrinks activations.
     """
     state = trained * dtype_bytes * 2 + (trained if mechanism == "mask" else 0)
-    saved = tokens * shape.saved_per_token(mechanism) * dtype_bytes
     grads = trained * dtype_bytes
+    saved = tokens * shape.saved_per_token(mechanism) * dtype_bytes
     logits = response_tokens * shape.d_vocab * 4 * 3
-    return state + max(saved, grads) + logits
+    if shards == 1:
+        return {"training": state + max(saved, grads) + logits}
+    if mechanism != "delta":  # sharded as the weights they belong to
+        state, grads = -(-state // shards), -(-grads // shards)
+    copy = weight_bytes(shape, dtype_bytes)
+    shard = -(-copy // shards)
+    unsharded = (shape.root_params + 2 * shape.layer_params) * dtype_bytes
+    training = shard - copy + unsharded + state + max(saved, grads) + logits
+    end = shard + state + grads + 2 * shape.largest_param * dtype_bytes
+    return {"training": training, "end": end}
+
+
+def sharded_gpus(
+    shape: Shape,
+    dtype_bytes: int,
+    mechanism: str,
+    *,
+    usable: float = USABLE_80GB,
+    most: int = 1024,
+    **step: int,
+) -> int | None:
+    """The fewest FSDP processes, one 80 GB GPU each, whose per-process SN-Tune peak (two whole
+    copies + :func:`tune_extra` with ``shards``) fits ``usable``; ``None`` if none does (the two
+    whole copies alone do not fit). ``step``: ``tokens`` (of the whole batch, split evenly),
+    ``response_tokens`` and ``trained``, as for :func:`tune_extra`."""
+    tokens, response = step.pop("tokens"), step.pop("response_tokens")
+    for n in range(2, most + 1):
+        share = {"tokens": -(-tokens // n), "response_tokens": -(-response // n)}
+        extra = tune_extra(shape, dtype_bytes, mechanism, shards=n, **share, **step)
+        if 2 * weight_bytes(shape, dtype_bytes) + extra <= usable:
+            return n
+    return None
 
 
 def patching_extra(shape: Shape, dtype_bytes: int, *, batch: int, length: int) -> int:

@@ -3,7 +3,18 @@
 import pytest
 import torch
 
-from safety_circuits._memory import LLAMA3_8B, LLAMA3_70B, Shape, gpus_needed, predicted_saved, saved_bytes
+from safety_circuits._memory import (
+    LLAMA3_8B,
+    LLAMA3_70B,
+    Shape,
+    gpus_needed,
+    predicted_saved,
+    saved_bytes,
+    sharded_gpus,
+    tune_extra,
+    tune_phases,
+    weight_bytes,
+)
 from safety_circuits.neurons import NeuronSet
 from safety_circuits.tuning import refusal_documents
 
@@ -14,6 +25,22 @@ def test_parameter_counts_of_the_llama3_shapes():
     assert LLAMA3_8B.params == pytest.approx(8.03e9, rel=2e-3)
     assert LLAMA3_70B.params == pytest.approx(70.55e9, rel=2e-3)
     assert gpus_needed(72e9) == 1 and gpus_needed(72e9 + 1) == 2
+
+
+def test_sharded_tuning_keeps_two_whole_copies_per_process():
+    """FSDP divides the copy trained and its optimizer by N, but each process keeps the Subject
+    and gathers a whole tuned copy with them alive: above two copies, shrinking with N, never below."""
+    for shape in (LLAMA3_8B, LLAMA3_70B):
+        step = {"tokens": 2048, "response_tokens": 512, "trained": shape.params}
+        one = tune_phases(shape, 2, "full", **step)
+        assert list(one) == ["training"] and tune_extra(shape, 2, "full", **step) == one["training"]
+        peaks = [tune_extra(shape, 2, "full", shards=n, **step) for n in (2, 4, 8, 1024)]
+        assert peaks == sorted(peaks, reverse=True) and peaks[-1] > 0
+        end = tune_phases(shape, 2, "full", shards=4, **step)["end"]
+        assert end == weight_bytes(shape, 2) + 4 * shape.largest_param  # (1 + 2 + 1) b / 4, + 2 largest
+    full = {"tokens": 2048, "response_tokens": 512, "trained": LLAMA3_8B.params}
+    assert sharded_gpus(LLAMA3_8B, 2, "full", **full) == 2
+    assert sharded_gpus(LLAMA3_70B, 2, "full", **{**full, "trained": LLAMA3_70B.params}) is None
 
 
 @pytest.mark.parametrize("mechanism", ["delta", "mask", "full"])
