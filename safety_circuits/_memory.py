@@ -232,16 +232,14 @@ def tune_phases(
     the copy trained, and of the gradients, states and mask of ``mask``/``full`` (``delta``'s
     deltas stay whole), and while training the unsharded root unit (embeddings, final norm, LM
     head) and two decoder layers (the one running and the one prefetched): the whole copy is *not*
-    there then (``1/N - 1`` copies). But at the end every process deep-copies the Subject's HF
-    model and gathers the tuned weights into it, one parameter at a time, while the sharded copy,
-    its gradients (the last step's) and the optimizer's states are still alive: the whole copy,
-    ``1/N`` of the copy trained, the states, gradients and mask, and the largest parameter gathered
+    there then (``1/N - 1`` copies). At the end, once the gradients and AdamW's states are freed,
+    every process deep-copies the Subject's HF model and gathers the tuned weights into it, one
+    parameter at a time, while the sharded copy is still alive: the whole copy, ``1/N`` of the
+    copy trained, ``mask``'s sharded mask or ``delta``'s deltas, and the largest parameter gathered
     whole, twice (``DTensor.full_tensor`` over gloo: the all-gather's output and gloo's staging
     buffer of the same size, measured 200 MiB for a 100 MiB tensor; NCCL's all-gather writes into
     its output, so on GPUs this likely counts one largest parameter too many). The start (the
-    whole copy made, then sharded: at most ``1/N`` of a copy above the two) is always below the
-    end. The end is the peak unless a share's activations outweigh the whole copy; the share of
-    the batch is all that shrinks activations.
+    whole copy made, then sharded: at most ``1/N`` of a copy above the two) is below the end.
     """
     state = trained * dtype_bytes * 2 + (trained if mechanism == "mask" else 0)
     grads = trained * dtype_bytes
@@ -255,7 +253,8 @@ def tune_phases(
     shard = -(-copy // shards)
     unsharded = (shape.root_params + 2 * shape.layer_params) * dtype_bytes
     training = shard - copy + unsharded + state + max(saved, grads) + logits
-    end = shard + state + grads + 2 * shape.largest_param * dtype_bytes
+    kept = {"delta": trained * dtype_bytes, "mask": -(-trained // shards)}.get(mechanism, 0)
+    end = shard + kept + 2 * shape.largest_param * dtype_bytes
     return {"training": training, "end": end}
 
 

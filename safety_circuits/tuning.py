@@ -546,6 +546,9 @@ def tune(
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
+        # training is over: free the gradients and AdamW's states before the whole copy is made
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
         if sharded:  # the whole tuned model on every process (the deltas merge into it on exit)
             full.append(subject.hf if inplace else copy.deepcopy(subject.hf))
             _gather(hf, full[0])

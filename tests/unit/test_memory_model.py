@@ -29,7 +29,7 @@ def test_parameter_counts_of_the_llama3_shapes():
 
 def test_sharded_tuning_keeps_two_whole_copies_per_process():
     """FSDP divides the copy trained and its optimizer by N, but each process keeps the Subject
-    and gathers a whole tuned copy with them alive: above two copies, shrinking with N, never below."""
+    and gathers a whole tuned copy beside its shard: above two copies, shrinking with N, never below."""
     for shape in (LLAMA3_8B, LLAMA3_70B):
         step = {"tokens": 2048, "response_tokens": 512, "trained": shape.params}
         one = tune_phases(shape, 2, "full", **step)
@@ -37,7 +37,7 @@ def test_sharded_tuning_keeps_two_whole_copies_per_process():
         peaks = [tune_extra(shape, 2, "full", shards=n, **step) for n in (2, 4, 8, 1024)]
         assert peaks == sorted(peaks, reverse=True) and peaks[-1] > 0
         end = tune_phases(shape, 2, "full", shards=4, **step)["end"]
-        assert end == weight_bytes(shape, 2) + 4 * shape.largest_param  # (1 + 2 + 1) b / 4, + 2 largest
+        assert end == -(-weight_bytes(shape, 2) // 4) + 4 * shape.largest_param  # the shard, 2 largest
     full = {"tokens": 2048, "response_tokens": 512, "trained": LLAMA3_8B.params}
     assert sharded_gpus(LLAMA3_8B, 2, "full", **full) == 2
     assert sharded_gpus(LLAMA3_70B, 2, "full", **{**full, "trained": LLAMA3_70B.params}) is None
