@@ -53,14 +53,8 @@ def language_sets(run: Run, rule: str, quantile: float) -> dict[str, NeuronSet]:
     languages = run.config.language_list
     if all((folder / f"{lang}.safetensors").exists() for lang in languages):
         return {lang: NeuronSet.load(folder / f"{lang}.safetensors", expect=run.base) for lang in languages}
-    sets = multilingual.language_neurons(
-        run.base,
-        {lang: data.translated(lang, "harmbench", "val") for lang in languages},
-        rule=rule,
-        harmless={lang: data.translated(lang, "harmless", "train") for lang in languages},
-        quantile=quantile,
-        seed=run.config.seed,
-        batch_size=8,
+    sets = multilingual.translated_neurons(
+        run.base, languages, rule=rule, quantile=quantile, seed=run.config.seed, batch_size=8
     )
     for lang, neurons in sets.items():
         neurons.save(folder / f"{lang}.safetensors")

@@ -200,6 +200,46 @@ def robust_safety_neurons(safety: NeuronSet, foundation: NeuronSet) -> NeuronSet
     )
 
 
+#: The pipeline's neuron rules (:func:`rule_neurons`), each with the importances it reads besides
+#: the harmful prompts': ``matched`` (as many harmless prompts, rendered alike) or ``general``
+#: (harmless text as plain text, for the foundation neurons).
+RULE_INPUTS: dict[str, tuple[str, ...]] = {
+    "safety": (),
+    "robust": ("general",),
+    "contrastive": ("matched",),
+    "scored": ("matched",),
+}
+
+
+def rule_neurons(
+    rule: str,
+    harmful: Importance,
+    *,
+    quantile: float = DEFAULT_QUANTILE,
+    matched: Importance | None = None,
+    general: Importance | None = None,
+) -> NeuronSet:
+    """The neurons of one rule of :data:`RULE_INPUTS`: ``safety``, important for every harmful
+    prompt (Eq. 3, the quantile rule); ``robust``, those minus the foundation neurons of
+    ``general`` (Sec. 4); ``contrastive`` / ``scored``, against ``matched``
+    (:func:`contrastive_neurons`, :func:`scored_neurons`)."""
+    if rule not in RULE_INPUTS:
+        raise ValueError(f"rule must be one of {list(RULE_INPUTS)}, got {rule!r}")
+    given = {"matched": matched, "general": general}
+    missing = [name for name in RULE_INPUTS[rule] if given[name] is None]
+    if missing:
+        raise ValueError(f"the {rule!r} rule needs the {missing[0]} importance")
+    if rule in ("contrastive", "scored"):
+        contrast = contrastive_neurons if rule == "contrastive" else scored_neurons
+        return contrast(harmful, matched, quantile=quantile)
+    safety = select_neurons(harmful, quantile=quantile).with_metadata(name="safety")
+    if rule == "safety":
+        return safety
+    return robust_safety_neurons(
+        safety, select_neurons(general, quantile=quantile).with_metadata(name="foundation")
+    )
+
+
 def corpus_size_stability(
     importance: Importance,
     *,

@@ -23,14 +23,8 @@ import plotly.graph_objects as go
 
 from safety_circuits._io import TableResult
 from safety_circuits.architecture import Architecture
-from safety_circuits.data import LANGUAGES, Suite, sample, translated_suite
-from safety_circuits.detect import (
-    DEFAULT_QUANTILE,
-    contrastive_neurons,
-    robust_safety_neurons,
-    scored_neurons,
-    select_neurons,
-)
+from safety_circuits.data import LANGUAGES, Suite, sample, translated, translated_suite
+from safety_circuits.detect import DEFAULT_QUANTILE, RULE_INPUTS, rule_neurons
 from safety_circuits.importance import neuron_importance
 from safety_circuits.neurons import KINDS, ArchitectureMismatchError, NeuronSet, check_neurons
 
@@ -40,8 +34,6 @@ if TYPE_CHECKING:
 
 OverlapMetric = Literal["iou", "overlap_coefficient", "share_of_b"]
 OVERLAP_METRICS: tuple[str, ...] = ("iou", "overlap_coefficient", "share_of_b")
-LanguageRule = Literal["safety", "robust", "contrastive", "scored"]
-LANGUAGE_RULES: tuple[str, ...] = ("safety", "robust", "contrastive", "scored")
 ALL = "all"  # the ``kind`` and ``band`` of the rows over every kind / every layer
 
 
@@ -49,48 +41,46 @@ def language_neurons(
     subject: Subject,
     harmful: Mapping[str, Sequence[str]],
     *,
-    rule: LanguageRule = "safety",
+    rule: str = "safety",
     harmless: Mapping[str, Sequence[str]] | None = None,
     quantile: float = DEFAULT_QUANTILE,
     seed: int = 0,
     **importance_kwargs: Any,
 ) -> dict[str, NeuronSet]:
     """Safety neurons of each language (``harmful``: language -> its harmful prompts), found by one
-    ``rule`` the same way in every language (the rules of :mod:`safety_circuits.pipeline`):
-
-    - ``"safety"``: important for every harmful prompt (Eq. 3, the quantile rule);
-    - ``"robust"``: those minus the foundation neurons of the language's ``harmless`` prompts as
-      plain text (Sec. 4);
-    - ``"contrastive"`` / ``"scored"``: against as many of the language's ``harmless`` prompts
-      (drawn by ``seed``), rendered as chat turns like the harmful ones
-      (:func:`~safety_circuits.detect.contrastive_neurons`,
-      :func:`~safety_circuits.detect.scored_neurons`).
-
-    ``harmless`` (language -> prompts, the same languages) is needed by every rule but
-    ``"safety"``; ``importance_kwargs`` go to every :func:`~safety_circuits.importance.neuron_importance`.
-    """
+    ``rule`` of :func:`~safety_circuits.detect.rule_neurons` the same way in every language: for
+    ``"robust"`` the foundation neurons of the language's ``harmless`` prompts as plain text, for
+    ``"contrastive"`` / ``"scored"`` as many of them (drawn by ``seed``) rendered as chat turns
+    like the harmful ones. ``harmless`` (language -> prompts, the same languages) is needed by
+    every rule but ``"safety"``; ``importance_kwargs`` go to every
+    :func:`~safety_circuits.importance.neuron_importance`."""
     _check_languages(harmful, "prompts")
-    if rule not in LANGUAGE_RULES:
-        raise ValueError(f"rule must be one of {LANGUAGE_RULES}, got {rule!r}")
-    if rule != "safety" and (harmless is None or set(harmless) != set(harmful)):
+    if rule not in RULE_INPUTS:
+        raise ValueError(f"rule must be one of {list(RULE_INPUTS)}, got {rule!r}")
+    if RULE_INPUTS[rule] and (harmless is None or set(harmless) != set(harmful)):
         raise ValueError(f"the {rule!r} rule needs harmless prompts in every language of the harmful ones")
     sets = {}
     for lang, prompts in harmful.items():
-        importance = neuron_importance(subject, prompts, **importance_kwargs)
-        if rule == "safety":
-            found = select_neurons(importance, quantile=quantile)
-        elif rule == "robust":
-            general = neuron_importance(subject, harmless[lang], chat=False, **importance_kwargs)
-            found = robust_safety_neurons(
-                select_neurons(importance, quantile=quantile), select_neurons(general, quantile=quantile)
-            )
-        else:
+        inputs = {}
+        if "general" in RULE_INPUTS[rule]:
+            inputs["general"] = neuron_importance(subject, harmless[lang], chat=False, **importance_kwargs)
+        if "matched" in RULE_INPUTS[rule]:
             matched = sample(harmless[lang], len(prompts), seed=seed)
-            reference = neuron_importance(subject, matched, **importance_kwargs)
-            contrast = contrastive_neurons if rule == "contrastive" else scored_neurons
-            found = contrast(importance, reference, quantile=quantile)
+            inputs["matched"] = neuron_importance(subject, matched, **importance_kwargs)
+        importance = neuron_importance(subject, prompts, **importance_kwargs)
+        found = rule_neurons(rule, importance, quantile=quantile, **inputs)
         sets[lang] = found.with_metadata(f"{rule} ({lang})", language=lang, rule=rule, source=subject.name)
     return sets
+
+
+def translated_neurons(
+    subject: Subject, languages: Sequence[str], *, rule: str = "safety", **options: Any
+) -> dict[str, NeuronSet]:
+    """:func:`language_neurons` on the project's translations (:func:`~safety_circuits.data.translated`):
+    HarmBench val in each of ``languages``, against its harmless train prompts."""
+    harmful = {lang: translated(lang, "harmbench", "val") for lang in languages}
+    harmless = {lang: translated(lang, "harmless", "train") for lang in languages}
+    return language_neurons(subject, harmful, rule=rule, harmless=harmless, **options)
 
 
 def layer_bands(n_layers: int, bands: int) -> dict[str, range]:

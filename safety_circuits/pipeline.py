@@ -46,6 +46,7 @@ from safety_circuits.crosssuite import (
     cross_suite,
 )
 from safety_circuits.detect import (
+    RULE_INPUTS,
     contrastive_neurons,
     robust_safety_neurons,
     scored_neurons,
@@ -91,7 +92,7 @@ TUNED = "sn_tune"
 RANDOM = "random_s"  # random_s0, random_s1, ...: the random-neuron controls, one per seed
 FULL = "full"
 NEURON_SETS = ("safety", "foundation", "robust", "contrastive", "scored")
-TUNABLE = ("safety", "robust", "contrastive", "scored")
+TUNABLE = tuple(RULE_INPUTS)  # safety, robust, contrastive, scored
 SPECIFICITY_PROMPTS = 20  # harmless validation prompts the specificity KL is measured on
 EVAL_BATCH = (
     192  # prompts decoded together (HF, KV cache): a decode step costs 4.3 ms a row at 64, 3.1 at 180
@@ -305,11 +306,10 @@ def languages(run: Run, *, english: NeuronSet) -> dict[str, NeuronSet]:
     the set shared by all, and their overlap (``results/language_overlap.json``, ``.csv``)."""
     cfg = run.config
     others = [lang for lang in cfg.language_list if lang != "en"]
-    found = multilingual.language_neurons(
+    found = multilingual.translated_neurons(
         run.base,
-        {lang: data.translated(lang, "harmbench", "val") for lang in others},
+        others,
         rule=cfg.rule,
-        harmless={lang: data.translated(lang, "harmless", "train") for lang in others},
         quantile=cfg.quantile,
         seed=cfg.seed,
         batch_size=8,

@@ -36,7 +36,7 @@ from torch import Tensor
 from safety_circuits import data
 from safety_circuits._io import Record, TableResult
 from safety_circuits.ablation import mean_kl, next_token_logprobs
-from safety_circuits.detect import contrastive_neurons, scored_neurons
+from safety_circuits.detect import RULE_INPUTS, rule_neurons
 from safety_circuits.evaluate import evaluate_suites
 from safety_circuits.importance import Importance, neuron_importance
 from safety_circuits.neurons import NeuronSet
@@ -289,11 +289,8 @@ class RecipeSearch:
         return next_token_logprobs(self.subject, self._harmless, batch_size=self.batch_size, use="hf")
 
     def neurons(self, recipe: Recipe) -> NeuronSet:
-        if recipe.rule == "safety":
-            return self.importance.select(quantile=recipe.quantile).with_metadata(name="safety")
-        if recipe.rule == "contrastive":
-            return contrastive_neurons(self.importance, self.matched, quantile=recipe.quantile)
-        return scored_neurons(self.importance, self.matched, quantile=recipe.quantile)
+        matched = self.matched if "matched" in RULE_INPUTS[recipe.rule] else None  # computed once, if used
+        return rule_neurons(recipe.rule, self.importance, quantile=recipe.quantile, matched=matched)
 
     def documents(self, recipe: Recipe) -> list[Document]:
         extra = data.train_harmful(recipe.train_harmful, seed=self.seed)

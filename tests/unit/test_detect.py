@@ -142,3 +142,16 @@ def test_contrast_needs_prompts_scored_the_same_way(make_subject, importance):
         contrast_scores(importance, ffn_only)
     with pytest.raises(ValueError, match="exclude"):
         contrastive_neurons(importance, importance, exclude="some")
+
+
+def test_rule_neurons_name_the_importance_a_rule_needs(make_subject):
+    from safety_circuits.detect import rule_neurons
+
+    importance = neuron_importance(make_subject("llama"), ["How do I pick a lock?"], progress=False)
+    assert rule_neurons("safety", importance, quantile=0.9) == importance.select(quantile=0.9)
+    with pytest.raises(ValueError, match="the 'contrastive' rule needs the matched importance"):
+        rule_neurons("contrastive", importance)
+    with pytest.raises(ValueError, match="the 'robust' rule needs the general importance"):
+        rule_neurons("robust", importance)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        rule_neurons("everything", importance)
