@@ -8,7 +8,8 @@ change; every other parameter stays bit-identical. Three mechanisms:
   training the deltas are added into the slices. No full weight gradients, optimizer state only
   for the deltas.
 - ``"mask"``: the baseline; whole parameters train and their gradients are masked to the slices
-  (AdamW without weight decay leaves entries with zero gradient exactly unchanged).
+  before each step, once summed over processes (AdamW without weight decay leaves entries with
+  zero gradient exactly unchanged).
 - ``"full"``: every parameter trains (the full fine-tuning control; ``neurons`` is ignored).
 
 Documents are (prompt, response) pairs rendered with the chat template; the loss is the mean
@@ -34,7 +35,7 @@ layers even with an empty share (one row, its loss times 0: the all-gathers are 
 pass of the whole rows (no shared-prefix cache, whose second pass only processes with several rows
 would take). FSDP's reduce-scatter sums the sharded gradients (sum-only collectives: gloo has no
 ``PREMUL_SUM``); ``"mask"`` multiplies each reduced gradient shard by the neurons' mask sharded the
-same way (FSDP writes the gradient outside autograd, so no hook sees it); ``"delta"`` keeps its
+same way; ``"delta"`` keeps its
 small deltas whole on every process and all-reduces their gradients. After training every process
 gathers the weights into a whole copy (the deltas merge into it), so the returned Subject holds the
 whole tuned model on every process, as without sharding: memory is saved while training, not at
@@ -297,8 +298,8 @@ def _trainable(
     """Set up what trains for ``mechanism``; yield the optimizer's parameters; merge/undo on exit.
 
     The deltas merge into ``model``, or into the model ``merge_into`` returns on exit (the full
-    copy of a sharded model). A sharded parameter (FSDP's DTensor) gets no gradient hook: FSDP
-    writes its gradient after the reduce-scatter, outside autograd; :func:`_sharded_masks` masks it."""
+    copy of a sharded model). ``"mask"`` trains the whole owning parameters here; their gradients
+    are masked before each step (:func:`_gradient_masks`)."""
     params = dict(model.named_parameters())
     saved = {n: p.requires_grad for n, p in params.items()}
     handles, deltas = [], []
@@ -308,12 +309,7 @@ def _trainable(
         if mechanism == "full":
             yield list(params.values())
         elif mechanism == "mask":
-            for name, (axis, index) in slices.items():
-                p = params[name].requires_grad_(True)
-                if not isinstance(p, DTensor):
-                    mask = torch.zeros_like(p, dtype=torch.bool).index_fill_(axis, index.to(p.device), True)
-                    handles.append(p.register_hook(lambda g, m=mask: g * m))
-            yield [params[name] for name in slices]
+            yield [params[name].requires_grad_(True) for name in slices]
         else:
             by_module: dict[str, dict[str, tuple[int, Tensor]]] = {}
             for name, value in slices.items():
@@ -498,7 +494,7 @@ def tune(
         PeakMemory() as memory,
         _trainable(hf, slices, config.mechanism, merge_into=full.pop if sharded else None) as trainable,
     ):
-        masks = _sharded_masks(hf, slices) if config.mechanism == "mask" else []
+        masks = _gradient_masks(hf, slices) if config.mechanism == "mask" else []
         # FSDP sums the sharded gradients itself (reduce-scatter); the deltas and the loss are all-reduced
         summed = [p for p in trainable if not isinstance(p, DTensor)]
         # fused: one pass over each tensor (0.09 s a step for SmolLM2's 135M weights, 0.43 s unfused)
@@ -672,19 +668,22 @@ def _shard(model: nn.Module) -> nn.Module:
     return root
 
 
-def _sharded_masks(model: nn.Module, slices: dict[str, tuple[int, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    """(parameter, mask) of each sharded (DTensor) parameter of the ``"mask"`` mechanism: the
-    neurons' mask, sharded as the parameter, to multiply its reduced gradient by."""
+def _gradient_masks(model: nn.Module, slices: dict[str, tuple[int, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, mask) of each parameter the ``"mask"`` mechanism trains: its neurons' entries,
+    to multiply its gradient by once the processes' gradients are summed, before the step (a
+    sharded parameter's mask is sharded as it is: FSDP writes the gradient outside autograd)."""
     from torch.distributed.tensor import distribute_tensor
 
     params = dict(model.named_parameters())
     out = []
     for name, (axis, index) in slices.items():
         p = params[name]
+        mask = torch.zeros(p.shape, dtype=torch.bool, device=p.device).index_fill_(
+            axis, index.to(p.device), True
+        )
         if isinstance(p, DTensor):
-            full = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
-            full.index_fill_(axis, index.to(p.device), True)
-            out.append((p, distribute_tensor(full, p.device_mesh, p.placements)))
+            mask = distribute_tensor(mask, p.device_mesh, p.placements)
+        out.append((p, mask))
     return out
 
 
