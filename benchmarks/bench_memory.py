@@ -156,7 +156,7 @@ def sharded_job(mechanism: str, model: str) -> dict | None:
         {
             "suffix": f"(rank {rank})",
             "measured": memory.peak - memory.start,
-            "predicted": weight_bytes(shape, 4) + tune_extra(shape, 4, mechanism, shards=shards, **step),
+            "predicted": weight_bytes(shape, 4) + max(phases.values()),  # tune_extra
             "detail": f"whole tune call, {shards} processes; {detail}; "
             f"record {result.record['peak_memory_mb']:.0f} MiB",
         },
@@ -205,8 +205,7 @@ def job(name: str, model: str) -> dict:
         neurons = random_neurons(subject.arch, 0.0066)
         docs = refusal_documents(prompts[:32])
         result = tune(subject, docs, neurons, mechanism=mechanism, progress=False)
-        trained = result.record["trained_parameters"] if mechanism == "delta" else None
-        trained = trained or trained_elements(subject, neurons, mechanism)
+        trained = trained_elements(subject, neurons, mechanism)
         tokens, response = largest_step(subject, docs, mechanism, shape)
         predicted = tune_extra(shape, 4, mechanism, tokens=tokens, response_tokens=response, trained=trained)
         return {

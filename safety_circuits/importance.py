@@ -157,9 +157,9 @@ def _fused_change_sq(
         _COMPILED["fn"] = torch.compile(_change_sq, dynamic=True)
     # contiguous inputs: guards on sizes only, not on the strides of views (which recompiled the
     # kernel for every new prompt length until dynamo's limit of 8, then ran it eagerly)
-    args = [t.contiguous() for t in (scores, pattern, *factors, weights)]
+    factors = tuple(t.contiguous() for t in factors)
     try:
-        return _COMPILED["fn"](args[0], args[1], tuple(args[2:-1]), args[-1])
+        return _COMPILED["fn"](scores.contiguous(), pattern.contiguous(), factors, weights.contiguous())
     except Exception as e:  # any compiler failure: the same code, eagerly
         logger.warning("torch.compile of the q/k importance failed, computing it eagerly: %s", e)
         _COMPILED["failed"] = True
